@@ -1,0 +1,50 @@
+"""ipybox: a secure, fast Python code-execution sandbox for AI agents."""
+
+from ipybox._errors import (
+    AuthenticationError,
+    BuildError,
+    ContainerError,
+    ContainerStartError,
+    DependencyFileError,
+    DockerUnavailableError,
+    ExecutionError,
+    ExecutionTimeoutError,
+    ImageError,
+    ImageNotFoundError,
+    InvalidStateError,
+    IpyboxError,
+    KernelDiedError,
+    KernelError,
+    ResourceError,
+    ServerConnectionError,
+)
+from ipybox._version import __version__
+from ipybox.container import DEFAULT_TAG, ExecutionContainer
+from ipybox.executor import Execution, ExecutionClient, ExecutionResult
+from ipybox.resource.client import ResourceClient
+
+__all__ = [
+    "DEFAULT_TAG",
+    "AuthenticationError",
+    "BuildError",
+    "ContainerError",
+    "ContainerStartError",
+    "DependencyFileError",
+    "DockerUnavailableError",
+    "Execution",
+    "ExecutionClient",
+    "ExecutionContainer",
+    "ExecutionError",
+    "ExecutionResult",
+    "ExecutionTimeoutError",
+    "ImageError",
+    "ImageNotFoundError",
+    "InvalidStateError",
+    "IpyboxError",
+    "KernelDiedError",
+    "KernelError",
+    "ResourceClient",
+    "ResourceError",
+    "ServerConnectionError",
+    "__version__",
+]

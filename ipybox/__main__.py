@@ -1,0 +1,3 @@
+from ipybox.cli import main
+
+main()

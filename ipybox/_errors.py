@@ -1,0 +1,125 @@
+"""The ipybox exception tree.
+
+    IpyboxError
+    ├── DockerUnavailableError      no Docker engine answers
+    ├── ImageError
+    │   ├── ImageNotFoundError       image missing and not pullable (names `ipybox build -t TAG`)
+    │   └── BuildError
+    │       └── DependencyFileError  a malformed line in a dependencies file (names the line)
+    ├── ContainerError               container could not be created, started or inspected
+    │   └── ContainerStartError      the servers in the container did not come up
+    ├── ServerConnectionError        a port of the container cannot be reached
+    │   └── AuthenticationError      the server refused the secret (401/403)
+    ├── KernelError                  the kernel misbehaved
+    │   ├── ExecutionError           the code raised; `.message` and `.trace`
+    │   └── KernelDiedError          the kernel process died while executing
+    └── ResourceError                the resource server refused a request
+
+`ExecutionTimeoutError` is both an `IpyboxError` and the builtin `TimeoutError`, so
+`except TimeoutError` works as documented. Using an object in the wrong state (a property before
+`run()`, `execute` before `connect()`) raises `InvalidStateError`, a `RuntimeError` as the seed API
+documents, kept outside the tree on purpose: it is a programming mistake, not an environment failure.
+"""
+
+from __future__ import annotations
+
+
+class IpyboxError(Exception):
+    """Root of all errors raised by ipybox."""
+
+
+class InvalidStateError(RuntimeError):
+    """An object was used in a state that does not allow the call (e.g. not started yet)."""
+
+
+class DockerUnavailableError(IpyboxError):
+    """No Docker engine answers on this machine."""
+
+
+class ImageError(IpyboxError):
+    """Problems with an ipybox image."""
+
+
+class ImageNotFoundError(ImageError):
+    """The image is neither local nor pullable."""
+
+    def __init__(self, tag: str, reason: str = "") -> None:
+        self.tag = tag
+        detail = f" ({reason})" if reason else ""
+        super().__init__(
+            f"Image {tag!r} is not available locally and could not be pulled{detail}. "
+            f"Build it with: ipybox build -t {tag}"
+        )
+
+
+class BuildError(ImageError):
+    """Building an image failed."""
+
+
+class DependencyFileError(BuildError):
+    """A dependencies file has a line that is not a valid requirement."""
+
+    def __init__(self, path: str, line_number: int, line: str, reason: str) -> None:
+        self.path = path
+        self.line_number = line_number
+        self.line = line
+        super().__init__(f"{path}, line {line_number}: {line.strip()!r} is not a valid requirement: {reason}")
+
+
+class ContainerError(IpyboxError):
+    """A container could not be created, started or inspected."""
+
+    def __init__(self, message: str, container_id: str | None = None) -> None:
+        self.container_id = container_id
+        prefix = f"container {container_id[:12]}: " if container_id else ""
+        super().__init__(prefix + message)
+
+
+class ContainerStartError(ContainerError):
+    """The container started but its servers did not become ready."""
+
+
+class ServerConnectionError(IpyboxError):
+    """A server in the container could not be reached."""
+
+
+class AuthenticationError(ServerConnectionError):
+    """The server rejected the request's secret (HTTP 401/403)."""
+
+
+class KernelError(IpyboxError):
+    """The kernel misbehaved."""
+
+    def __init__(self, message: str, kernel_id: str | None = None) -> None:
+        self.kernel_id = kernel_id
+        super().__init__(message)
+
+
+class ExecutionError(KernelError):
+    """Code executed in the kernel raised an exception.
+
+    Attributes:
+        message: `"<ExceptionType>: <value>"`, e.g. `"ZeroDivisionError: division by zero"`.
+        trace: the traceback as plain text (no ANSI escape codes).
+    """
+
+    def __init__(self, message: str, trace: str | None = None, kernel_id: str | None = None) -> None:
+        super().__init__(message, kernel_id)
+        self.message = message
+        self.trace = trace
+
+
+class KernelDiedError(KernelError):
+    """The kernel process died while an execution was pending; its state is lost."""
+
+
+class ResourceError(IpyboxError):
+    """The resource server rejected a request."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class ExecutionTimeoutError(IpyboxError, TimeoutError):
+    """An execution did not finish within its timeout; the kernel was interrupted."""

@@ -1,0 +1,3 @@
+from ipybox_server.launcher import main
+
+main()

@@ -1,0 +1,32 @@
+"""The resource server (container port 8900): files, module sources and MCP code generation.
+
+Every request must carry the per-container secret as `Authorization: token <secret>`.
+"""
+
+import hmac
+
+from aiohttp import web
+
+TOKEN_KEY = web.AppKey("token", str)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    expected = request.app[TOKEN_KEY]
+    header = request.headers.get("Authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    # compare_digest: the comparison time must not reveal how much of a guessed secret is right.
+    if scheme.lower() != "token" or not hmac.compare_digest(supplied.encode(), expected.encode()):
+        return web.json_response({"error": "missing or invalid token"}, status=401)
+    return await handler(request)
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(token: str) -> web.Application:
+    app = web.Application(middlewares=[require_token])
+    app[TOKEN_KEY] = token
+    app.router.add_get("/status", status)
+    return app

@@ -1,0 +1,32 @@
+"""Docker label keys that mark what ipybox builds and starts.
+
+Images and containers carry these so that `ipybox cleanup` and the container start-up can find them
+without relying on names.
+"""
+
+IMAGE_LABEL = "ai.gradion.ipybox.image"
+"""Present (value "true") on every image `ipybox build` produces."""
+
+VERSION_LABEL = "ai.gradion.ipybox.version"
+"""The ipybox package version that built the image or started the container."""
+
+UID_LABEL = "ai.gradion.ipybox.uid"
+"""UID the image's processes run as (0 for a root image)."""
+
+GID_LABEL = "ai.gradion.ipybox.gid"
+"""GID the image's processes run as (0 for a root image)."""
+
+CONTAINER_LABEL = "ai.gradion.ipybox.container"
+"""Present (value "true") on every container ExecutionContainer starts."""
+
+EXECUTOR_PORT = 8888
+"""Container port of the Jupyter Kernel Gateway."""
+
+RESOURCE_PORT = 8900
+"""Container port of the resource server."""
+
+TOKEN_PATH = "/run/ipybox/token"
+"""Where the per-container secret is placed before start; the server reads and deletes it."""
+
+READY_LINE = "IPYBOX_READY"
+"""Printed on the container's stdout once both servers accept connections."""

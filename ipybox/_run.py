@@ -1,0 +1,32 @@
+"""One-shot execution for `ipybox run`: a fresh sandbox per call."""
+
+from __future__ import annotations
+
+import aiodocker
+
+from ipybox._docker import connect, docker_errors
+from ipybox.container import ExecutionContainer
+from ipybox.executor import ExecutionClient, ExecutionResult
+
+
+async def image_present(tag: str) -> bool:
+    """Whether the image exists in the local engine (no pull is attempted)."""
+    docker = connect()
+    try:
+        with docker_errors("looking up the image"):
+            try:
+                await docker.images.inspect(tag)
+            except aiodocker.DockerError as exc:
+                if exc.status == 404:
+                    return False
+                raise
+        return True
+    finally:
+        await docker.close()
+
+
+async def run_code(source: str, *, tag: str, timeout: float) -> ExecutionResult:
+    """Run `source` in a new container and kernel, remove both, and return the output."""
+    async with ExecutionContainer(tag=tag) as container:
+        async with ExecutionClient(port=container.executor_port) as client:
+            return await client.execute(source, timeout=timeout)

@@ -1,0 +1,395 @@
+"""ExecutionContainer: the lifecycle of one ipybox sandbox container."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import io
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any
+
+import aiodocker
+
+from ipybox import _tokens
+from ipybox._docker import connect, docker_errors
+from ipybox._errors import ContainerError, ContainerStartError, InvalidStateError
+from ipybox._labels import (
+    CONTAINER_LABEL,
+    EXECUTOR_PORT,
+    GID_LABEL,
+    READY_LINE,
+    RESOURCE_PORT,
+    TOKEN_PATH,
+    UID_LABEL,
+    VERSION_LABEL,
+)
+from ipybox._limits import parse_memory
+from ipybox._pull import ensure_image
+from ipybox._version import __version__
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TAG = "gradion-ai/ipybox"
+
+APP_DIR = PurePosixPath("/app")
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    KILLED = "killed"
+
+
+class ExecutionContainer:
+    """Context manager for the lifecycle of a code execution Docker container.
+
+    A code execution container provides:
+
+    - a Jupyter Kernel Gateway on the *executor* port, for stateful IPython kernels
+      (use `ExecutionClient`);
+    - a resource server on the *resource* port, for files, module sources and MCP code
+      generation (use `ResourceClient`);
+    - an optional egress firewall (`init_firewall`).
+
+    Both ports require a per-container secret that ipybox generates and hands to the clients on
+    its own (see docs/security.md). Ports are published on 127.0.0.1 unless `host` says otherwise.
+
+    Args:
+        tag: Name and optionally tag of the ipybox Docker image to use (format: name:tag)
+        binds: A dictionary mapping host paths to container paths for bind mounts. Host paths may
+            be relative or absolute (and are created when missing). Container paths must be
+            relative and are created as subdirectories of /app in the container.
+        env: Environment variables to set in the container
+        executor_port: Host port for the container's executor port. A random port is allocated if
+            not specified.
+        resource_port: Host port for the container's resource port. A random port is allocated if
+            not specified.
+        port_allocation_timeout: Maximum time in seconds to wait for port random allocation.
+        show_pull_progress: Whether to show progress (on stderr) when pulling the Docker image.
+        host: Host address the ports are published on. The default, 127.0.0.1, keeps the sandbox
+            unreachable from other machines; use "0.0.0.0" for remote clients.
+        memory_limit: Memory limit of the container (bytes, or a string like "512m", "4g"); swap
+            is limited to the same amount. None for no limit.
+        cpu_limit: Number of CPUs the container may use (e.g. 1.5). None for no limit.
+        pids_limit: Maximum number of processes and threads in the container. None for no limit.
+        labels: Extra Docker labels for the container (e.g. to find it for cleanup).
+        startup_timeout: Seconds to wait for the container's servers to become ready.
+
+    Raises:
+        ValueError: A container path in `binds` is absolute or contains "..", or a limit is invalid.
+
+    Example:
+        ```python
+        async with ExecutionContainer(binds={"data": "data"}) as container:
+            async with ExecutionClient(port=container.executor_port) as client:
+                result = await client.execute("print(1 + 1)")
+                print(result.text)
+        ```
+    """
+
+    def __init__(
+        self,
+        tag: str = DEFAULT_TAG,
+        binds: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        executor_port: int | None = None,
+        resource_port: int | None = None,
+        port_allocation_timeout: float = 10,
+        show_pull_progress: bool = True,
+        *,
+        host: str = "127.0.0.1",
+        memory_limit: int | str | None = "4g",
+        cpu_limit: float | None = None,
+        pids_limit: int | None = 1024,
+        labels: dict[str, str] | None = None,
+        startup_timeout: float = 30,
+    ):
+        self.tag = tag
+        self.binds = binds or {}
+        self.env = env or {}
+        self.show_pull_progress = show_pull_progress
+        self.host = host
+        self.labels = labels or {}
+        self.startup_timeout = startup_timeout
+
+        self._memory_limit = parse_memory(memory_limit)
+        if cpu_limit is not None and cpu_limit <= 0:
+            raise ValueError(f"cpu_limit must be positive, got {cpu_limit}")
+        if pids_limit is not None and pids_limit <= 0:
+            raise ValueError(f"pids_limit must be positive, got {pids_limit}")
+        self._cpu_limit = cpu_limit
+        self._pids_limit = pids_limit
+        for container_path in self.binds.values():
+            _container_bind_path(container_path)  # fail early; run() checks again
+
+        self._docker: aiodocker.Docker | None = None
+        self._container: Any = None
+        self._executor_port = executor_port
+        self._resource_port = resource_port
+        self._port_allocation_timeout = port_allocation_timeout
+        self._state = _State.NEW
+        self._registered: list[int] = []
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def container_id(self) -> str | None:
+        """The Docker container id while running, else None."""
+        return self._container.id if self._container is not None else None
+
+    @property
+    def executor_port(self) -> int:
+        """The host port of the container's executor port.
+
+        Either an application-defined `executor_port` via the constructor or a dynamically
+        allocated random port.
+
+        Raises:
+            RuntimeError: If the container is not running and an application-defined port was
+                not provided.
+        """
+        if self._executor_port is None:
+            raise InvalidStateError("Container not running: the executor port is allocated by run()")
+        return self._executor_port
+
+    @property
+    def resource_port(self) -> int:
+        """The host port of the container's resource port.
+
+        Either an application-defined `resource_port` via the constructor or a dynamically
+        allocated random port.
+
+        Raises:
+            RuntimeError: If the container is not running and an application-defined port was
+                not provided.
+        """
+        if self._resource_port is None:
+            raise InvalidStateError("Container not running: the resource port is allocated by run()")
+        return self._resource_port
+
+    async def __aenter__(self) -> ExecutionContainer:
+        await self.run()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.kill()
+
+    async def run(self) -> None:
+        """Creates and starts a code execution Docker container.
+
+        Returns once both servers in the container accept connections. On failure, everything
+        started so far is removed before the error propagates.
+
+        Raises:
+            ImageNotFoundError: The image is not local and cannot be pulled.
+            ContainerStartError: The container's servers did not come up within `startup_timeout`.
+            DockerUnavailableError: No Docker engine answers.
+            RuntimeError: The container was already started.
+        """
+        if self._state is not _State.NEW:
+            raise InvalidStateError(
+                f"ExecutionContainer.run() called in state {self._state.value!r}; "
+                "create a new ExecutionContainer for a new container"
+            )
+        self._state = _State.RUNNING
+        try:
+            self._docker = connect()
+            await self._run()
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def kill(self) -> None:
+        """Kills and removes the current code execution Docker container. Safe to call repeatedly."""
+        self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
+        for port in self._registered:
+            _tokens.unregister(self.host, port)
+        self._registered.clear()
+        container, self._container = self._container, None
+        docker, self._docker = self._docker, None
+        try:
+            if container is not None:
+                try:
+                    await container.delete(force=True, v=True)
+                except aiodocker.DockerError as exc:
+                    if exc.status != 404:  # already gone is what we want
+                        raise ContainerError(f"removing failed: {exc.message}", container.id) from exc
+        finally:
+            if docker is not None:
+                await docker.close()
+
+    async def init_firewall(self, allowed_domains: list[str] | None = None) -> None:
+        """Initialize firewall rules to restrict internet access to a whitelist of allowed domains,
+        IPv4 addresses, or CIDR ranges.
+
+        Not available yet in this version of ipybox.
+
+        Raises:
+            RuntimeError: If the container is not running.
+            NotImplementedError: Always, until the firewall lands.
+        """
+        if self._container is None:
+            raise InvalidStateError("Container not running")
+        raise NotImplementedError("init_firewall is not implemented yet")
+
+    # -- internals --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._docker is not None
+        with docker_errors("looking up the image"):
+            image = await ensure_image(self._docker, self.tag, show_progress=self.show_pull_progress)
+        image_labels = (image.get("Config") or {}).get("Labels") or {}
+        sandbox_ids = (int(image_labels.get(UID_LABEL, "0")), int(image_labels.get(GID_LABEL, "0")))
+
+        token = _tokens.new_token()
+        config = self._container_config(sandbox_ids)
+        with docker_errors("creating the container"):
+            self._container = await self._docker.containers.create(config)
+        container_id = self._container.id
+        with docker_errors("placing the secret", container_id):
+            await self._container.put_archive(str(PurePosixPath(TOKEN_PATH).parent), _token_tar(token, sandbox_ids))
+        with docker_errors("starting the container", container_id):
+            await self._container.start()
+            await self._wait_until_ready()
+            await self._read_ports()
+
+        for port in (self.executor_port, self.resource_port):
+            _tokens.register(self.host, port, token, container_id)
+            self._registered.append(port)
+
+    def _container_config(self, sandbox_ids: tuple[int, int]) -> dict[str, Any]:
+        binds = [
+            f"{_host_bind_path(host_path, sandbox_ids)}:{_container_bind_path(container_path)}"
+            for host_path, container_path in self.binds.items()
+        ]
+        host_config: dict[str, Any] = {
+            "Binds": binds,
+            "PortBindings": {
+                f"{EXECUTOR_PORT}/tcp": [{"HostIp": self.host, "HostPort": _port_spec(self._executor_port)}],
+                f"{RESOURCE_PORT}/tcp": [{"HostIp": self.host, "HostPort": _port_spec(self._resource_port)}],
+            },
+            # An init process reaps orphans that kernel code leaves behind.
+            "Init": True,
+        }
+        if self._memory_limit is not None:
+            host_config["Memory"] = self._memory_limit
+            host_config["MemorySwap"] = self._memory_limit
+        if self._cpu_limit is not None:
+            host_config["NanoCpus"] = int(self._cpu_limit * 1e9)
+        if self._pids_limit is not None:
+            host_config["PidsLimit"] = self._pids_limit
+        return {
+            "Image": self.tag,
+            "Env": [f"{key}={value}" for key, value in self.env.items()],
+            "ExposedPorts": {f"{EXECUTOR_PORT}/tcp": {}, f"{RESOURCE_PORT}/tcp": {}},
+            "Labels": {**self.labels, CONTAINER_LABEL: "true", VERSION_LABEL: __version__},
+            "HostConfig": host_config,
+        }
+
+    async def _wait_until_ready(self) -> None:
+        """Follow the container's stdout until the server prints its ready line.
+
+        Following the log stream is a readiness signal without polling: it costs no retry interval
+        and ends as soon as the line arrives, or when the container exits.
+        """
+        output: list[str] = []
+
+        async def follow() -> bool:
+            async for chunk in self._container.log(stdout=True, stderr=True, follow=True):
+                output.append(chunk)
+                if READY_LINE in "".join(output[-2:]):
+                    return True
+            return False
+
+        try:
+            ready = await asyncio.wait_for(follow(), self.startup_timeout)
+        except TimeoutError:
+            raise ContainerStartError(
+                f"the servers did not become ready within startup_timeout={self.startup_timeout} s. "
+                f"Output so far:\n{_tail(output)}",
+                self._container.id,
+            ) from None
+        if not ready:
+            raise ContainerStartError(
+                f"the container exited before its servers became ready. Output:\n{_tail(output)}",
+                self._container.id,
+            )
+
+    async def _read_ports(self) -> None:
+        deadline = time.monotonic() + self._port_allocation_timeout
+        while True:
+            info = await self._container.show()
+            ports = (info.get("NetworkSettings") or {}).get("Ports") or {}
+            executor = _published_port(ports, EXECUTOR_PORT)
+            resource = _published_port(ports, RESOURCE_PORT)
+            if executor is not None and resource is not None:
+                self._executor_port, self._resource_port = executor, resource
+                return
+            if time.monotonic() >= deadline:
+                raise ContainerStartError(
+                    f"host ports were not allocated within port_allocation_timeout={self._port_allocation_timeout} s",
+                    self._container.id,
+                )
+            await asyncio.sleep(0.05)
+
+
+def _port_spec(port: int | None) -> str:
+    # An empty HostPort lets Docker pick a free port atomically (no race with other processes).
+    return "" if port is None else str(port)
+
+
+def _published_port(ports: dict[str, Any], container_port: int) -> int | None:
+    bindings = ports.get(f"{container_port}/tcp") or []
+    for binding in bindings:
+        if binding.get("HostPort"):
+            return int(binding["HostPort"])
+    return None
+
+
+def _container_bind_path(container_path: str) -> str:
+    path = PurePosixPath(container_path)
+    if path.is_absolute():
+        raise ValueError(
+            f"Container bind path {container_path!r} must be relative; it is mounted under /app "
+            f"(use {str(path).lstrip('/')!r} for /app/{str(path).lstrip('/')})"
+        )
+    if ".." in path.parts or not path.parts or path == PurePosixPath("."):
+        raise ValueError(f"Container bind path {container_path!r} must name a directory inside /app, without '..'")
+    return str(APP_DIR / path)
+
+
+def _host_bind_path(host_path: str, sandbox_ids: tuple[int, int]) -> str:
+    path = Path(host_path).expanduser().resolve()
+    if not path.exists():
+        path.mkdir(parents=True)
+        # ipybox made this directory, so it makes it writable for the sandbox user, whose UID may
+        # differ from ours (e.g. we run as root and the image runs as 1000).
+        if os.geteuid() == 0 and sandbox_ids != (0, 0):
+            os.chown(path, *sandbox_ids)
+    return str(path)
+
+
+def _token_tar(token: str, sandbox_ids: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    data = token.encode()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(PurePosixPath(TOKEN_PATH).name)
+        info.size = len(data)
+        info.mode = 0o400
+        info.uid, info.gid = sandbox_ids
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _tail(chunks: list[str], lines: int = 30) -> str:
+    return "\n".join("".join(chunks).splitlines()[-lines:])

@@ -1,0 +1,1 @@
+"""Host-side access to a container's resource server (container port 8900)."""

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from ipybox import ExecutionContainer
+from ipybox._limits import parse_memory
+from ipybox.container import _container_bind_path, _host_bind_path
+
+
+@pytest.mark.parametrize("path", ["/data", "/app/data", "../data", "data/../../etc", "", "."])
+def test_bad_container_bind_paths_raise_value_error(path: str) -> None:
+    with pytest.raises(ValueError, match="bind path"):
+        ExecutionContainer(binds={"host": path})
+
+
+def test_container_bind_path_lands_under_app() -> None:
+    assert _container_bind_path("data") == "/app/data"
+    assert _container_bind_path("a/b") == "/app/a/b"
+
+
+def test_host_bind_path_is_created_and_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    resolved = _host_bind_path("new/dir", (0, 0))
+    assert resolved == str(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("512m", 512 * 2**20), ("4g", 4 * 2**30), ("1.5GiB", int(1.5 * 2**30)), (2**30, 2**30), (None, None)],
+)
+def test_parse_memory(value: int | str | None, expected: int | None) -> None:
+    assert parse_memory(value) == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "-1g", "1k", 1024])
+def test_parse_memory_rejects(value: int | str) -> None:
+    with pytest.raises(ValueError, match="memory_limit"):
+        parse_memory(value)
+
+
+def test_invalid_limits_raise() -> None:
+    with pytest.raises(ValueError, match="cpu_limit"):
+        ExecutionContainer(cpu_limit=0)
+    with pytest.raises(ValueError, match="pids_limit"):
+        ExecutionContainer(pids_limit=0)
+
+
+def test_ports_unknown_before_run_raise_runtime_error() -> None:
+    container = ExecutionContainer()
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = container.executor_port
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = container.resource_port
+
+
+def test_explicit_ports_known_before_run() -> None:
+    container = ExecutionContainer(executor_port=1234, resource_port=1235)
+    assert (container.executor_port, container.resource_port) == (1234, 1235)
+
+
+def test_constructor_does_no_io_and_config_publishes_on_loopback() -> None:
+    container = ExecutionContainer(env={"A": "1"}, labels={"team": "x"}, cpu_limit=1.5)
+    config = container._container_config((1000, 1000))
+    bindings = config["HostConfig"]["PortBindings"]
+    assert {b[0]["HostIp"] for b in bindings.values()} == {"127.0.0.1"}
+    assert {b[0]["HostPort"] for b in bindings.values()} == {""}
+    assert config["Env"] == ["A=1"]
+    assert config["Labels"]["team"] == "x"
+    assert config["Labels"]["ai.gradion.ipybox.container"] == "true"
+    assert config["HostConfig"]["Memory"] == config["HostConfig"]["MemorySwap"] == 4 * 2**30
+    assert config["HostConfig"]["NanoCpus"] == 1_500_000_000
+    assert config["HostConfig"]["PidsLimit"] == 1024
+    assert config["HostConfig"]["Init"] is True
