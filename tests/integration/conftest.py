@@ -99,5 +99,4 @@ async def client(shared_container: ExecutionContainer) -> AsyncIterator[Executio
         yield client
 
 
-
 __all__ = ["CONTAINER_LABEL", "ContainerFactory", "session_labels"]

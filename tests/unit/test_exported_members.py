@@ -11,6 +11,7 @@ def test_all_is_sorted_and_matches_public_namespace() -> None:
     }
     exported = set(ipybox.__all__) - {"__version__"}
     assert public == exported
+
     # isort style, as ruff's RUF022 sorts: CONSTANTS, then Classes, then dunders.
     def kind(name: str) -> tuple[int, str]:
         return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
