@@ -10,8 +10,7 @@ import textwrap
 import aiohttp
 import pytest
 
-from ipybox import AuthenticationError, ExecutionClient, ExecutionContainer, ResourceClient
-from ipybox import _tokens
+from ipybox import AuthenticationError, ExecutionClient, ExecutionContainer, ResourceClient, _tokens
 from tests.integration.conftest import ContainerFactory
 
 

@@ -164,3 +164,26 @@ async def test_disconnect_is_idempotent_and_shuts_kernel_down(shared_container: 
 async def test_cwd_and_sys_path(client: ExecutionClient) -> None:
     result = await client.execute("import os, sys\nprint(os.getcwd())\nprint('/app' in sys.path)")
     assert result.text == "/app\nTrue"
+
+
+async def test_kernel_is_usable_after_death_with_fresh_state(shared_container: ExecutionContainer) -> None:
+    async with ExecutionClient(port=shared_container.executor_port) as client:
+        await client.execute("before_death = 1")
+        with pytest.raises(KernelDiedError):
+            await asyncio.wait_for(client.execute("import os\nos._exit(1)", timeout=60), 30)
+        # The gateway restarted the kernel; give it the time a restart takes, then it serves again.
+        result = await asyncio.wait_for(client.execute("print('back')", timeout=60), 60)
+        assert result.text == "back"
+        with pytest.raises(ExecutionError, match="NameError"):
+            await client.execute("before_death")
+
+
+async def test_first_kernel_of_a_fresh_container_is_the_prewarmed_one(make_container) -> None:  # type: ignore[no-untyped-def]
+    container = await make_container()
+    async with ExecutionClient(port=container.executor_port) as client:
+        result = await client.execute("import os\nprint(os.getcwd(), os.getppid() > 1, 'IPYBOX_TOKEN' in os.environ)")
+        assert result.text == "/app True False"
+        # The adopted kernel is interruptible like any other (its own process group).
+        with pytest.raises(TimeoutError):
+            await client.execute("import time\ntime.sleep(30)", timeout=1)
+        assert (await client.execute("print('alive')")).text == "alive"

@@ -10,8 +10,7 @@ import sys
 from aiohttp import web
 from traitlets.config import Config
 
-from ipybox_server import resource
-from ipybox_server.token import take_token
+from ipybox_server import prewarm, resource
 
 EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900
@@ -27,6 +26,12 @@ def gateway_config(token: str) -> Config:
     # The gateway's default IOPub rate limits drop output (10 MB printed in one cell arrives as a
     # warning and nothing else); ipybox promises that no output is dropped silently.
     config.ZMQChannelsWebsocketConnection.limit_rate = False
+    # A kernel that dies within its first 10 s would otherwise be restarted on new random ports,
+    # which strands every open websocket on the old ones: the client's next cell would never run.
+    config.KernelRestarter.random_ports_until_alive = False
+    config.KernelGatewayApp.kernel_manager_class = "ipybox_server.kernels.PrestartingKernelManager"
+    config.KernelGatewayApp.kernel_websocket_connection_class = "ipybox_server.connection.IpyboxWebsocketConnection"
+    config.KernelProvisionerFactory.default_provisioner_name = prewarm.PROVISIONER_NAME
     return config
 
 
@@ -37,10 +42,10 @@ async def start_resource_server(token: str) -> None:
     print(READY_LINE, flush=True)
 
 
-def main() -> None:
-    token = take_token()
-
+def main(token: str) -> None:
     from kernel_gateway.gatewayapp import KernelGatewayApp
+
+    prewarm.register_provisioner()
 
     app = KernelGatewayApp.instance(config=gateway_config(token))
     app.initialize(argv=[])
@@ -52,6 +57,7 @@ def main() -> None:
 
     def schedule() -> None:
         # Runs once the loop is up; by then the gateway's socket is bound (start() binds first).
+        app.kernel_manager.prestart()
         task = asyncio.ensure_future(start_resource_server(token))
         task.add_done_callback(on_resource_started)
 

@@ -1,0 +1,23 @@
+"""A kernel started ahead of time: `python -m ipybox_server.kernel_stub CONNECTION_FILE`.
+
+The launcher spawns it before importing the gateway, so its slow start (imports, shell set-up:
+about 0.4 s) overlaps with the gateway's own. When the gateway launches its first kernel,
+`PrewarmedProvisioner` adopts this running process instead of spawning a new one.
+"""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # As ipykernel_launcher does: keep the working directory off sys.path while importing, so
+    # files in /app cannot shadow the kernel's own modules; IPython adds it back for user code.
+    if sys.path[0] == "" or Path(sys.path[0]) == Path.cwd():
+        del sys.path[0]
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance()
+    app.initialize(["-f", sys.argv[1]])
+    # The first cell of a fresh IPython pays for lazy set-up (compiler, display hooks); pay it here.
+    app.shell.run_cell("pass", store_history=False, silent=True)
+    app.start()
