@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Diagnostics go to stderr; stdout carries only the sandbox's output.
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 TagOption = Annotated[str, typer.Option("-t", "--tag", help="Name and optionally tag of the image (name:tag).")]
 
