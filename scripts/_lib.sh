@@ -123,3 +123,15 @@ ensure_debootstrap() {
         apt_install debootstrap || die "apt-get install debootstrap failed"
     fi
 }
+
+# ensure_docker_registry -- the pull tests run a local registry server (Debian package
+# docker-registry, /usr/bin/docker-registry); install it when missing (root + Debian).
+ensure_docker_registry() {
+    if [[ -x /usr/bin/docker-registry ]]; then
+        return 0
+    fi
+    if is_root && is_debian; then
+        log "installing docker-registry (a local registry server for the pull tests)"
+        apt_install docker-registry || die "apt-get install docker-registry failed"
+    fi
+}
