@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import re
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from ipybox import _tokens
+from ipybox import _tokens, _wire
 from ipybox._errors import (
     AuthenticationError,
     ExecutionError,
@@ -212,6 +211,7 @@ class ExecutionClient:
         self._kernel_id: str | None = None
         self._session_id = uuid.uuid4().hex
         self._pending: dict[str, asyncio.Queue[Any]] = {}
+        self._v1 = False
 
     @property
     def kernel_id(self) -> str:
@@ -260,7 +260,10 @@ class ExecutionClient:
                 heartbeat=self.heartbeat_interval,
                 # Output is never truncated here: a 10 MB print arrives as one 10 MB message.
                 max_msg_size=0,
+                protocols=(_wire.V1_PROTOCOL,),
             )
+            # The gateway picks v1 when it supports it; older servers answer in legacy JSON.
+            self._v1 = self._ws.protocol == _wire.V1_PROTOCOL
         except BaseException as exc:
             await self.disconnect()
             if isinstance(exc, aiohttp.WSServerHandshakeError):
@@ -316,7 +319,11 @@ class ExecutionClient:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._pending[msg_id] = queue
         try:
-            await self._ws.send_str(json.dumps(self._execute_request(msg_id, code)))
+            request = self._execute_request(msg_id, code)
+            if self._v1:
+                await self._ws.send_bytes(_wire.encode_v1("shell", request))
+            else:
+                await self._ws.send_str(_wire.encode_json("shell", request))
         except (aiohttp.ClientError, ConnectionError) as exc:
             self._pending.pop(msg_id, None)
             raise ServerConnectionError(f"sending code to kernel {self._kernel_id} failed: {exc}") from exc
@@ -379,8 +386,6 @@ class ExecutionClient:
                 "allow_stdin": False,
                 "stop_on_error": True,
             },
-            "channel": "shell",
-            "buffers": [],
         }
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -388,13 +393,16 @@ class ExecutionClient:
         error: Exception = ServerConnectionError(f"the connection to kernel {self._kernel_id} was closed")
         try:
             async for frame in ws:
-                if frame.type is not aiohttp.WSMsgType.TEXT:
+                if frame.type is aiohttp.WSMsgType.BINARY:
+                    message = _wire.decode_v1(frame.data)
+                elif frame.type is aiohttp.WSMsgType.TEXT:
+                    message = _wire.decode_json(frame.data)
+                else:
                     if frame.type is aiohttp.WSMsgType.ERROR:
                         error = ServerConnectionError(
                             f"the connection to kernel {self._kernel_id} failed: {frame.data}"
                         )
                     continue
-                message = json.loads(frame.data)
                 if message.get("msg_type") == "status" and message["content"].get("execution_state") in (
                     "restarting",
                     "dead",

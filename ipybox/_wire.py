@@ -1,0 +1,49 @@
+"""Jupyter kernel websocket framing: the binary v1 protocol, and the legacy JSON one as fallback.
+
+v1 ("v1.kernel.websocket.jupyter.org") lets the gateway forward a kernel's message parts as they
+are, without decoding and re-encoding every message as one JSON document, which makes each
+message cheaper for the gateway. Layout: an 8-byte little-endian count n, then n 8-byte offsets,
+then the channel name and the message parts (header, parent_header, metadata, content, buffers...)
+at those offsets.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+
+
+def encode_v1(channel: str, message: dict[str, Any]) -> bytes:
+    parts = [json.dumps(message[key]).encode() for key in ("header", "parent_header", "metadata", "content")]
+    channel_bytes = channel.encode()
+    offsets = [8 * (1 + 1 + len(parts) + 1)]
+    offsets.append(offsets[-1] + len(channel_bytes))
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    head = len(offsets).to_bytes(8, "little") + b"".join(offset.to_bytes(8, "little") for offset in offsets)
+    return head + channel_bytes + b"".join(parts)
+
+
+def decode_v1(data: bytes) -> dict[str, Any]:
+    count = int.from_bytes(data[:8], "little")
+    offsets = [int.from_bytes(data[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
+    parts = [data[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
+    header = json.loads(parts[0])
+    return {
+        "channel": data[offsets[0] : offsets[1]].decode(),
+        "header": header,
+        "msg_type": header.get("msg_type"),
+        "parent_header": json.loads(parts[1]),
+        "content": json.loads(parts[3]),
+    }
+
+
+def encode_json(channel: str, message: dict[str, Any]) -> str:
+    return json.dumps({**message, "channel": channel})
+
+
+def decode_json(data: str) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(data)
+    return message
