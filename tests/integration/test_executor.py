@@ -187,3 +187,24 @@ async def test_first_kernel_of_a_fresh_container_is_the_prewarmed_one(make_conta
         with pytest.raises(TimeoutError):
             await client.execute("import time\ntime.sleep(30)", timeout=1)
         assert (await client.execute("print('alive')")).text == "alive"
+
+
+async def test_heartbeat_detects_a_frozen_container(make_container) -> None:  # type: ignore[no-untyped-def]
+    import aiodocker
+
+    from ipybox import ServerConnectionError
+
+    container = await make_container()
+    docker = aiodocker.Docker()
+    target = await docker.containers.get(container.container_id)
+    try:
+        async with ExecutionClient(port=container.executor_port, heartbeat_interval=1) as client:
+            execution = await client.submit("import time\ntime.sleep(30)")
+            await target.pause()  # the gateway stops answering pings; the TCP proxy stays up
+            try:
+                with pytest.raises(ServerConnectionError):
+                    await asyncio.wait_for(execution.result(timeout=60), 20)
+            finally:
+                await target.unpause()
+    finally:
+        await docker.close()
