@@ -1,4 +1,4 @@
-"""The one place where Docker engine errors become ipybox errors."""
+"""The one place where Docker engine errors become ipybox errors, and small engine look-ups."""
 
 from __future__ import annotations
 
@@ -24,12 +24,30 @@ def connect() -> aiodocker.Docker:
         raise DockerUnavailableError(f"No Docker engine found. {ENGINE_HINT}") from exc
 
 
+def is_connection_error(exc: aiodocker.DockerError) -> bool:
+    """aiodocker reports "cannot connect to the engine" as a DockerError with status 900."""
+    return bool(exc.status == 900)
+
+
 @contextmanager
 def docker_errors(action: str, container_id: str | None = None) -> Iterator[None]:
     """Translate aiodocker/aiohttp failures during `action` into the ipybox error tree."""
     try:
         yield
     except aiodocker.DockerError as exc:
+        if is_connection_error(exc):
+            raise DockerUnavailableError(f"{action} failed: the Docker engine does not answer. {ENGINE_HINT}") from exc
         raise ContainerError(f"{action} failed: {exc.message} (HTTP {exc.status})", container_id) from exc
-    except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
+    except (aiohttp.ClientError, ConnectionError) as exc:
         raise DockerUnavailableError(f"{action} failed: the Docker engine does not answer. {ENGINE_HINT}") from exc
+
+
+async def image_exists(docker: aiodocker.Docker, name: str) -> bool:
+    """Whether the engine has an image of this name or id (no pull is attempted)."""
+    try:
+        await docker.images.inspect(name)
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True

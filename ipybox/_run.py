@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import aiodocker
-
-from ipybox._docker import connect, docker_errors
+from ipybox._docker import connect, docker_errors, image_exists
 from ipybox.container import ExecutionContainer
 from ipybox.executor import ExecutionClient, ExecutionResult
 
@@ -14,13 +12,7 @@ async def image_present(tag: str) -> bool:
     docker = connect()
     try:
         with docker_errors("looking up the image"):
-            try:
-                await docker.images.inspect(tag)
-            except aiodocker.DockerError as exc:
-                if exc.status == 404:
-                    return False
-                raise
-        return True
+            return await image_exists(docker, tag)
     finally:
         await docker.close()
 

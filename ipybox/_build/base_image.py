@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiodocker
 
 from .debootstrap import create_base_image
-from .docker_client import is_connection_error
+from .._docker import image_exists, is_connection_error
 from .events import Reporter
 
 DEFAULT_BASE_IMAGE = "debian:bookworm-slim"
@@ -40,17 +40,6 @@ async def ensure_base_image(docker: aiodocker.Docker, base_image: str, report: R
             return LOCAL_BASE_IMAGE
     await create_base_image(LOCAL_BASE_IMAGE, report)
     return LOCAL_BASE_IMAGE
-
-
-async def image_exists(docker: aiodocker.Docker, name: str) -> bool:
-    """Whether the engine has an image of this name or id."""
-    try:
-        await docker.images.inspect(name)
-    except aiodocker.DockerError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
 
 
 async def _pull(docker: aiodocker.Docker, name: str, report: Reporter) -> None:
