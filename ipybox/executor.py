@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _INTERRUPT_GRACE = 5.0
 """Seconds an interrupted execution gets to reach idle before the timeout error is raised anyway."""
+_RESTART_TIMEOUT = 30.0
+"""Seconds a restarted kernel gets to answer again before the next execution fails."""
+_NUDGE_INTERVAL = 0.2
+"""Seconds between kernel_info nudges while waiting for a restarted kernel."""
 
 
 @dataclass
@@ -212,6 +216,9 @@ class ExecutionClient:
         self._session_id = uuid.uuid4().hex
         self._pending: dict[str, asyncio.Queue[Any]] = {}
         self._v1 = False
+        self._kernel_restarted = False
+        self._kernel_dead = False
+        self._restart_lock = asyncio.Lock()
 
     @property
     def kernel_id(self) -> str:
@@ -312,21 +319,33 @@ class ExecutionClient:
         return await execution.result(timeout=timeout)
 
     async def submit(self, code: str) -> Execution:
-        """Send code for execution and return at once; read output from the returned Execution."""
+        """Send code for execution and return at once; read output from the returned Execution.
+
+        Raises:
+            KernelDiedError: The kernel died and could not be restarted, or did not come back.
+        """
         if self._ws is None or self._ws.closed:
             raise InvalidStateError("ExecutionClient is not connected: call connect() first")
-        msg_id = uuid.uuid4().hex
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._pending[msg_id] = queue
-        try:
-            request = self._execute_request(msg_id, code)
-            if self._v1:
-                await self._ws.send_bytes(_wire.encode_v1("shell", request))
-            else:
-                await self._ws.send_str(_wire.encode_json("shell", request))
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            self._pending.pop(msg_id, None)
-            raise ServerConnectionError(f"sending code to kernel {self._kernel_id} failed: {exc}") from exc
+        if self._kernel_dead:
+            raise KernelDiedError(f"kernel {self._kernel_id} died and could not be restarted", self._kernel_id)
+        if self._kernel_restarted:
+            async with self._restart_lock:
+                if self._kernel_restarted:
+                    await self._await_restarted_kernel()
+                    self._kernel_restarted = False
+        msg_id, queue = self._register()
+        await self._send(
+            msg_id,
+            "execute_request",
+            {
+                "code": code,
+                "silent": False,
+                "store_history": True,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": True,
+            },
+        )
         return Execution(self, msg_id, queue)
 
     async def interrupt(self) -> None:
@@ -366,11 +385,19 @@ class ExecutionClient:
             f"(retries={retries}, retry_interval={retry_interval}): {last_error}"
         ) from last_error
 
-    def _execute_request(self, msg_id: str, code: str) -> dict[str, Any]:
-        return {
+    def _register(self) -> tuple[str, asyncio.Queue[Any]]:
+        msg_id = uuid.uuid4().hex
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending[msg_id] = queue
+        return msg_id, queue
+
+    async def _send(self, msg_id: str, msg_type: str, content: dict[str, Any]) -> None:
+        """Send a shell request whose output the reader routes to `self._pending[msg_id]`."""
+        assert self._ws is not None
+        request = {
             "header": {
                 "msg_id": msg_id,
-                "msg_type": "execute_request",
+                "msg_type": msg_type,
                 "username": "ipybox",
                 "session": self._session_id,
                 "date": datetime.now(UTC).isoformat(),
@@ -378,15 +405,46 @@ class ExecutionClient:
             },
             "parent_header": {},
             "metadata": {},
-            "content": {
-                "code": code,
-                "silent": False,
-                "store_history": True,
-                "user_expressions": {},
-                "allow_stdin": False,
-                "stop_on_error": True,
-            },
+            "content": content,
         }
+        try:
+            if self._v1:
+                await self._ws.send_bytes(_wire.encode_v1("shell", request))
+            else:
+                await self._ws.send_str(_wire.encode_json("shell", request))
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            self._pending.pop(msg_id, None)
+            raise ServerConnectionError(f"sending to kernel {self._kernel_id} failed: {exc}") from exc
+
+    async def _await_restarted_kernel(self) -> None:
+        """Wait until a restarted kernel answers on shell and its IOPub reaches us again.
+
+        The gateway announces a restart before the new kernel runs and re-subscribes to its IOPub;
+        a request sent at once could have its output published before that subscription is up, and
+        its execution would wait for an idle status that never comes. So, as the gateway does for a
+        new connection, nudge with kernel_info requests until one's IOPub status arrives.
+        """
+        deadline = time.monotonic() + _RESTART_TIMEOUT
+        while time.monotonic() < deadline:
+            msg_id, queue = self._register()
+            try:
+                await self._send(msg_id, "kernel_info_request", {})
+                wait_until = time.monotonic() + _NUDGE_INTERVAL
+                while (remaining := wait_until - time.monotonic()) > 0:
+                    try:
+                        message = await asyncio.wait_for(queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                    if isinstance(message, _Terminal):
+                        raise message.error
+                    if message.get("channel") == "iopub":
+                        return
+            finally:
+                self._pending.pop(msg_id, None)
+        raise KernelDiedError(
+            f"kernel {self._kernel_id} did not come back within {_RESTART_TIMEOUT} s after a restart",
+            self._kernel_id,
+        )
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """The one reader of the websocket: routes each message to its execution's queue."""
@@ -403,15 +461,16 @@ class ExecutionClient:
                             f"the connection to kernel {self._kernel_id} failed: {frame.data}"
                         )
                     continue
-                if message.get("msg_type") == "status" and message["content"].get("execution_state") in (
-                    "restarting",
-                    "dead",
-                ):
+                state = message["content"].get("execution_state") if message.get("msg_type") == "status" else None
+                if state in ("restarting", "dead"):
                     # The gateway reports a kernel death with a status message that has no parent:
                     # every pending execution is lost.
+                    self._kernel_restarted = state == "restarting"
+                    self._kernel_dead = state == "dead"
+                    what = "was restarted" if state == "restarting" else "could not be restarted"
                     self._fail_pending(
                         KernelDiedError(
-                            f"kernel {self._kernel_id} died during execution and was restarted; its state "
+                            f"kernel {self._kernel_id} died during execution and {what}; its state "
                             "(variables, imports) is lost",
                             self._kernel_id,
                         )
