@@ -14,6 +14,9 @@
     │   ├── ExecutionError           the code raised; `.message` and `.trace`
     │   └── KernelDiedError          the kernel process died while executing
     └── ResourceError                the resource server refused a request
+        ├── RemoteFileNotFoundError  a sandbox file or directory is missing (also a FileNotFoundError)
+        ├── RemotePathError          a path the server refused (traversal, absolute, NUL, symlink escape)
+        └── ArchiveError             a directory archive from the sandbox was rejected (hostile or too big)
 
 `ExecutionTimeoutError` is both an `IpyboxError` and the builtin `TimeoutError`, so
 `except TimeoutError` works as documented. Using an object in the wrong state (a property before
@@ -123,3 +126,18 @@ class ResourceError(IpyboxError):
 
 class ExecutionTimeoutError(IpyboxError, TimeoutError):
     """An execution did not finish within its timeout; the kernel was interrupted."""
+
+
+class RemoteFileNotFoundError(ResourceError, FileNotFoundError):
+    """A file or directory in the sandbox does not exist."""
+
+    def __init__(self, message: str, status: int | None = 404) -> None:
+        ResourceError.__init__(self, message, status)
+
+
+class RemotePathError(ResourceError, ValueError):
+    """The server refused a path: absolute, `..`, encoded traversal, NUL, or a symlink out of /app."""
+
+
+class ArchiveError(ResourceError):
+    """A directory archive was rejected: links, unsafe names, or caps on members or size exceeded."""

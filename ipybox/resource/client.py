@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -10,6 +11,8 @@ import aiohttp
 
 from ipybox import _tokens
 from ipybox._errors import AuthenticationError, InvalidStateError, ResourceError, ServerConnectionError
+from ipybox.resource import _files, _mcp, _modules
+from ipybox.resource._http import connection_errors, raise_for_response
 
 
 class ResourceClient:
@@ -94,20 +97,95 @@ class ResourceClient:
         if session is not None:
             await session.close()
 
-    async def status(self) -> dict[str, Any]:
-        """The server's status document (`{"status": "ok"}` when healthy)."""
+    def _connected(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise InvalidStateError("ResourceClient is not connected: call connect() first")
-        try:
-            async with self._session.get("/status") as response:
-                if response.status in (401, 403):
-                    raise AuthenticationError(
-                        f"the resource server at {self._base_url} refused the request (HTTP {response.status}): "
-                        "missing or wrong secret; pass token=... for containers not started by this user"
-                    )
-                if response.status >= 400:
-                    raise ResourceError(f"status check failed: HTTP {response.status}", response.status)
+        return self._session
+
+    # -- files and directories (paths are relative to /app in the sandbox) -----------------------
+
+    async def upload_file(self, relpath: str, local_path: str | Path) -> None:
+        """Upload a local file to `/app/<relpath>`, creating parent directories; the write is atomic.
+
+        Raises:
+            FileNotFoundError: `local_path` does not exist (raised before any request).
+            RemotePathError: the server refused `relpath`.
+        """
+        await _files.upload_file(self._connected(), relpath, Path(local_path))
+
+    async def download_file(self, relpath: str, local_path: str | Path) -> None:
+        """Download `/app/<relpath>` to a local file, creating parent directories; the write is atomic.
+
+        Raises:
+            RemoteFileNotFoundError: the sandbox file does not exist (also a `FileNotFoundError`).
+            RemotePathError: the server refused `relpath`.
+        """
+        await _files.download_file(self._connected(), relpath, Path(local_path))
+
+    async def delete_file(self, relpath: str) -> None:
+        """Delete the file `/app/<relpath>`.
+
+        Raises:
+            RemoteFileNotFoundError: the sandbox file does not exist.
+            RemotePathError: the server refused `relpath`.
+        """
+        await _files.delete_file(self._connected(), relpath)
+
+    async def upload_directory(self, relpath: str, local_path: str | Path) -> None:
+        """Upload a local directory's regular files and directories to `/app/<relpath>` as a tar stream.
+
+        Symlinks and other special files are not sent.
+
+        Raises:
+            FileNotFoundError: `local_path` is not an existing directory (raised before any request).
+            RemotePathError: the server refused `relpath`.
+        """
+        await _files.upload_directory(self._connected(), relpath, Path(local_path))
+
+    async def download_directory(self, relpath: str, local_path: str | Path) -> None:
+        """Download `/app/<relpath>` into the local directory `local_path`.
+
+        Every member of the sandbox's archive is validated here: links and special files are
+        dropped, names that are absolute or contain `..` are rejected, and member count and
+        expanded size are capped, so a compromised sandbox cannot write outside `local_path`.
+
+        Raises:
+            RemoteFileNotFoundError: the sandbox directory does not exist.
+            RemotePathError: the server refused `relpath`.
+            ArchiveError: the archive broke a rule above.
+        """
+        await _files.download_directory(self._connected(), relpath, Path(local_path))
+
+    # -- module sources ---------------------------------------------------------------------------
+
+    async def get_module_sources(self, module_names: list[str]) -> dict[str, str]:
+        """Source code of modules importable in the sandbox's Python environment, keyed by name.
+
+        All or nothing: one module that cannot be found (or has no Python source) fails the call.
+
+        Raises:
+            ResourceError: a module was not found; the message names it.
+        """
+        return await _modules.get_module_sources(self._connected(), module_names)
+
+    # -- MCP client generation --------------------------------------------------------------------
+
+    async def generate_mcp_sources(self, relpath: str, server_name: str, server_params: dict[str, Any]) -> list[str]:
+        """Generate a Python package `/app/<relpath>/<server_name>/` for the tools of an MCP server.
+
+        Returns the names of the generated tool modules.
+        """
+        return await _mcp.generate_mcp_sources(self._connected(), relpath, server_name, server_params)
+
+    async def get_mcp_sources(self, relpath: str, server_name: str) -> dict[str, str]:
+        """The generated tool modules of `/app/<relpath>/<server_name>/`, keyed by module name."""
+        return await _mcp.get_mcp_sources(self._connected(), relpath, server_name)
+
+    async def status(self) -> dict[str, Any]:
+        """The server's status document (`{"status": "ok"}` when healthy)."""
+        session = self._connected()
+        with connection_errors("status check"):
+            async with session.get("/status") as response:
+                await raise_for_response(response, "status check")
                 result: dict[str, Any] = await response.json()
                 return result
-        except aiohttp.ClientError as exc:
-            raise ServerConnectionError(f"the resource server at {self._base_url} does not answer: {exc}") from exc

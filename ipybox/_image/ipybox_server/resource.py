@@ -7,6 +7,8 @@ import hmac
 
 from aiohttp import web
 
+from ipybox_server import files, mcp_sources, modules
+
 TOKEN_KEY = web.AppKey("token", str)
 
 
@@ -26,7 +28,11 @@ async def status(request: web.Request) -> web.Response:
 
 
 def create_app(token: str) -> web.Application:
-    app = web.Application(middlewares=[require_token])
+    # client_max_size=0: uploads stream through handlers, so no whole-body size cap applies here.
+    app = web.Application(middlewares=[require_token], client_max_size=0)
     app[TOKEN_KEY] = token
     app.router.add_get("/status", status)
+    files.add_routes(app)
+    modules.add_routes(app)
+    mcp_sources.add_routes(app)
     return app
