@@ -1,6 +1,7 @@
 """ipybox: a secure, fast Python code-execution sandbox for AI agents."""
 
 from ipybox._errors import (
+    ArchiveError,
     AuthenticationError,
     BuildError,
     ContainerError,
@@ -15,6 +16,8 @@ from ipybox._errors import (
     IpyboxError,
     KernelDiedError,
     KernelError,
+    RemoteFileNotFoundError,
+    RemotePathError,
     ResourceError,
     ServerConnectionError,
 )
@@ -25,6 +28,7 @@ from ipybox.resource.client import ResourceClient
 
 __all__ = [
     "DEFAULT_TAG",
+    "ArchiveError",
     "AuthenticationError",
     "BuildError",
     "ContainerError",
@@ -43,6 +47,8 @@ __all__ = [
     "IpyboxError",
     "KernelDiedError",
     "KernelError",
+    "RemoteFileNotFoundError",
+    "RemotePathError",
     "ResourceClient",
     "ResourceError",
     "ServerConnectionError",
