@@ -1,27 +1,231 @@
-"""File and directory transfers of ResourceClient (placeholder until implemented)."""
+"""File and directory transfers of ResourceClient (endpoints: docs/files.md).
+
+Bodies stream both ways in chunks of CHUNK_SIZE, with disk I/O in worker threads, so memory stays
+bounded whatever the size. Local writes are atomic like the server's: a download goes to a temp file
+next to the target and replaces it only when complete; a directory download is staged (`_archive`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import os
+import secrets
+import tarfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import IO, TypeVar, cast
+from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
+
+from ipybox._errors import ArchiveError
+from ipybox.resource import _archive
+from ipybox.resource._http import connection_errors, raise_for_response
+
+CHUNK_SIZE = _archive.CHUNK_SIZE
+# The response buffer aiohttp may fill before it stops reading the socket (default 64 KiB).
+_READ_BUFSIZE = 4 * CHUNK_SIZE
+_NO_COMPRESSION = {"Accept-Encoding": "identity"}
+
+_T = TypeVar("_T")
+
+
+def _url(kind: str, relpath: str) -> URL:
+    """`/<kind>/<relpath>` with relpath sent verbatim: the server, not URL normalisation, judges it.
+
+    Without this, `..` segments would be resolved client-side (`files/../status` is `/status`).
+    """
+    segments = [quote(part, safe="") for part in relpath.split("/")]
+    segments = [part.replace(".", "%2E") if part in (".", "..") else part for part in segments]
+    return URL(f"/{kind}/" + "/".join(segments), encoded=True)
+
+
+# -- files -----------------------------------------------------------------------------------------
 
 
 async def upload_file(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
-    raise NotImplementedError
+    action = f"upload of {str(local_path)!r} to {relpath!r}"
+    file = await asyncio.to_thread(open, local_path, "rb", buffering=0)  # FileNotFoundError before any request
+    try:
+        size = os.fstat(file.fileno()).st_size
+        body = _read_chunks(file, size, local_path)
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        with connection_errors(action):
+            async with session.put(_url("files", relpath), data=body, headers=headers) as response:
+                await raise_for_response(response, action)
+    finally:
+        await asyncio.to_thread(file.close)
+
+
+async def _read_chunks(file: IO[bytes], size: int, local_path: Path) -> AsyncIterator[bytes]:
+    """Exactly `size` bytes of `file`, the next chunk read while the current one is sent."""
+    remaining = size
+    reading: asyncio.Future[bytes] | None = None
+    try:
+        while remaining:
+            if reading is None:
+                reading = asyncio.ensure_future(asyncio.to_thread(file.read, min(CHUNK_SIZE, remaining)))
+            chunk = await reading
+            reading = None
+            if not chunk:
+                # The length was announced; sending fewer bytes must fail the upload, not shorten the file.
+                raise OSError(f"{local_path} shrank during the upload")
+            remaining -= len(chunk)
+            if remaining:
+                reading = asyncio.ensure_future(asyncio.to_thread(file.read, min(CHUNK_SIZE, remaining)))
+            yield chunk
+    finally:
+        if reading is not None:
+            await asyncio.wait([reading])
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _open_temp(local_path: Path) -> tuple[int, Path]:
+    if local_path.is_dir():
+        raise IsADirectoryError(f"{local_path} is a directory")
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = local_path.with_name(f".{local_path.name}.{secrets.token_hex(6)}{_archive.TEMP_SUFFIX}")
+    # 0o666 through the umask, like open(); O_EXCL + O_NOFOLLOW: always a fresh file of ours.
+    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), temp
 
 
 async def download_file(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
-    raise NotImplementedError
+    action = f"download of {relpath!r}"
+    with connection_errors(action):
+        async with session.get(_url("files", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE) as response:
+            await raise_for_response(response, action)
+            fd, temp = await asyncio.to_thread(_open_temp, local_path)
+            writing: asyncio.Future[None] | None = None
+            try:
+                batch: list[bytes] = []
+                batch_size = 0
+                # One write in flight while the next batch arrives: network and disk overlap.
+                while True:
+                    chunk = await response.content.readany()
+                    if chunk:
+                        batch.append(chunk)
+                        batch_size += len(chunk)
+                    if batch_size >= CHUNK_SIZE or (not chunk and batch):
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, batch))
+                        batch, batch_size = [], 0
+                    if not chunk:
+                        break
+                if writing is not None:
+                    await writing
+                    writing = None
+                await asyncio.to_thread(os.replace, temp, local_path)
+            except BaseException:
+                if writing is not None:
+                    await asyncio.wait([writing])  # the thread uses the fd until it returns
+                temp.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
 
 
 async def delete_file(session: aiohttp.ClientSession, relpath: str) -> None:
-    raise NotImplementedError
+    action = f"delete of {relpath!r}"
+    with connection_errors(action):
+        async with session.delete(_url("files", relpath)) as response:
+            await raise_for_response(response, action)
+
+
+# -- directories -----------------------------------------------------------------------------------
 
 
 async def upload_directory(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
-    raise NotImplementedError
+    action = f"upload of directory {str(local_path)!r} to {relpath!r}"
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        root_fd = await asyncio.to_thread(os.open, local_path, flags)
+    except NotADirectoryError:
+        raise FileNotFoundError(f"{local_path} is not a directory") from None
+    try:
+        body = _tar_chunks(root_fd)
+        with connection_errors(action):
+            async with session.put(
+                _url("directories", relpath), data=body, headers={"Content-Type": "application/x-tar"}
+            ) as response:
+                await raise_for_response(response, action)
+    finally:
+        os.close(root_fd)
+
+
+async def _tar_chunks(root_fd: int) -> AsyncIterator[bytes]:
+    chunks = _archive.iter_tar(root_fd, CHUNK_SIZE)
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        await asyncio.to_thread(chunks.close)
 
 
 async def download_directory(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
-    raise NotImplementedError
+    action = f"download of directory {relpath!r}"
+    if local_path.exists() and not local_path.is_dir():
+        raise NotADirectoryError(f"{local_path} exists and is not a directory")
+    with connection_errors(action):
+        async with session.get(
+            _url("directories", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE
+        ) as response:
+            await raise_for_response(response, action)
+            reader = _ContentReader(response.content, asyncio.get_running_loop())
+            try:
+                await _in_thread_reading(
+                    reader, lambda: _archive.extract_tar(cast(IO[bytes], reader), local_path, drop_special=True)
+                )
+            except tarfile.TarError as exc:
+                raise ArchiveError(f"{action}: the sandbox sent a broken archive: {exc}") from exc
+
+
+class _ContentReader(io.RawIOBase):
+    """A blocking file object over a response body, for tarfile in a worker thread."""
+
+    def __init__(self, content: aiohttp.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
+        self.content = content
+        self._loop = loop
+
+    def readable(self) -> bool:
+        return True
+
+    async def _read(self, size: int) -> bytes:
+        chunks: list[bytes] = []
+        missing = size
+        while missing > 0:
+            chunk = await self.content.read(missing)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = CHUNK_SIZE
+        return asyncio.run_coroutine_threadsafe(self._read(size), self._loop).result()
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+async def _in_thread_reading(reader: _ContentReader, work: Callable[[], _T]) -> _T:
+    """Run `work` (which reads `reader`) in a thread; if cancelled, stop its reads and wait for its cleanup."""
+    future = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        reader.content.set_exception(ConnectionAbortedError("transfer cancelled"))
+        await asyncio.wait([future])
+        raise
