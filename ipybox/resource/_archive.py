@@ -1,147 +1,23 @@
-"""Directory archives on the host: tar streams of a local directory, and guarded extraction into one.
+"""Tar rules on the host: the server's `archive` module, with its errors mapped to ipybox's.
 
-The same rules as the server's `ipybox/_image/ipybox_server/archive.py`, and the same code below the
-"writing" line (a unit test keeps the two identical; that package is not importable on the host). The
-host applies them to archives from the sandbox, which it must treat as hostile: a compromised
-container can send any bytes.
-
-Only regular files and directories travel. Writing (`iter_tar`) walks the tree through directory file
-descriptors opened with O_NOFOLLOW, so a symlink is never followed; symlinks, devices, FIFOs and
-sockets are left out, and a hard-linked file travels as an ordinary copy of its content.
-
-Reading (`extract_tar`) checks every member before anything is written: names that are absolute or
-contain `..` or NUL are rejected; links, devices and FIFOs are dropped (`drop_special=True`, as
-`download_directory` uses it) or rejected; member count (MAX_MEMBERS), expanded size (MAX_BYTES) and
-the size of one extended header (MAX_HEADER_BYTES) are capped. Members go into a staging directory
-inside the target; only a complete, valid archive is then moved into place, so a rejected or broken
-download leaves the target as it was. All file-system calls below the target use `dir_fd` and
-O_NOFOLLOW, so nothing is ever written through a link.
+One implementation serves both ends (`ipybox/_image/ipybox_server/archive.py`). The host applies it
+to archives from the sandbox, which it treats as hostile, with `drop_special=True`: links, devices and
+FIFOs are dropped rather than refused.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import secrets
-import shutil
-import stat
-import tarfile
-from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import IO
 
 from ipybox._errors import ArchiveError
+from ipybox._image.ipybox_server import archive as _rules
 
-CHUNK_SIZE = 1 << 20
-# Caps on one archive from the sandbox (see docs/files.md).
-MAX_MEMBERS = 100_000
-MAX_BYTES = 10 << 30
-MAX_HEADER_BYTES = 1 << 20  # one PAX or GNU long-name header; tarfile reads these into memory
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO swapped in after the type check must not block the open.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_EXTENDED_HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, *tarfile.GNU_TYPES[:2])
-# Work in progress of transfers: a staging directory per directory transfer, a temp file per file.
-# Archives leave both out.
-_STAGING_PREFIX = ".ipybox-staging-"
-TEMP_SUFFIX = ".ipybox-tmp"
-# A symlink (never followed), a socket, or an entry gone since the listing.
-_SKIPPED_OPEN_ERRORS = (errno.ELOOP, errno.ENOENT, errno.ENXIO, errno.ENOTDIR)
-
-# The server's error classes, as the host's: both unsafe members and caps are ArchiveError here.
-UnsafeArchiveError = ArchiveError
-ArchiveTooLargeError = ArchiveError
-ArchiveConflictError = FileExistsError
-
-
-# -- writing ---------------------------------------------------------------------------------------
-
-
-def iter_tar(root_fd: int, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, None, None]:
-    """The tar archive of the directory open as `root_fd`, in chunks of about `chunk_size` bytes.
-
-    The caller keeps ownership of `root_fd`. Closing the generator early closes every descriptor it
-    opened.
-    """
-    pending: list[bytes] = []
-    pending_size = 0
-    for name, fd, st in _walk(root_fd, ""):
-        info = tarfile.TarInfo(name)
-        info.mode = stat.S_IMODE(st.st_mode) & 0o755
-        info.mtime = int(st.st_mtime)
-        if stat.S_ISDIR(st.st_mode):
-            info.type = tarfile.DIRTYPE
-        else:
-            info.size = st.st_size
-        pending.append(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        pending_size += len(pending[-1])
-        remaining = info.size
-        while remaining:
-            data = os.read(fd, min(chunk_size, remaining))
-            if not data:
-                raise OSError(f"{name} shrank while it was archived")
-            pending.append(data)
-            pending_size += len(data)
-            remaining -= len(data)
-            if pending_size >= chunk_size:
-                yield b"".join(pending)
-                pending, pending_size = [], 0
-        if info.size % tarfile.BLOCKSIZE:
-            pending.append(tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
-            pending_size += len(pending[-1])
-    pending.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive
-    yield b"".join(pending)
-
-
-def _walk(dir_fd: int, prefix: str) -> Iterator[tuple[str, int, os.stat_result]]:
-    """(name, open fd, stat) of every directory and regular file below `dir_fd`, parents first."""
-    with os.scandir(dir_fd) as scan:
-        entries = sorted((entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan)
-    for entry_name, is_dir in entries:
-        if entry_name.startswith(_STAGING_PREFIX) if is_dir else entry_name.endswith(TEMP_SUFFIX):
-            continue
-        try:
-            fd = os.open(entry_name, _DIR_FLAGS if is_dir else _READ_FLAGS, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno in _SKIPPED_OPEN_ERRORS:
-                continue
-            raise
-        try:
-            st = os.fstat(fd)
-            name = prefix + entry_name
-            if stat.S_ISDIR(st.st_mode):
-                yield name, fd, st
-                yield from _walk(fd, name + "/")
-            elif stat.S_ISREG(st.st_mode):
-                yield name, fd, st
-        finally:
-            os.close(fd)
-
-
-# -- reading ---------------------------------------------------------------------------------------
-
-
-class _GuardedTarInfo(tarfile.TarInfo):
-    """Refuses extended headers big enough to exhaust memory (tarfile reads them whole)."""
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in _EXTENDED_HEADER_TYPES and self.size > MAX_HEADER_BYTES:
-            raise ArchiveTooLargeError(f"an extended tar header of {self.size} bytes exceeds {MAX_HEADER_BYTES}")
-        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
-
-
-def member_parts(name: str) -> list[str]:
-    """The path components of a member name; refuses absolute names, `..` and NUL."""
-    if "\x00" in name:
-        raise UnsafeArchiveError(f"member name {name!r} contains a NUL byte")
-    if name.startswith("/"):
-        raise UnsafeArchiveError(f"member name {name!r} is absolute")
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeArchiveError(f"member name {name!r} contains '..'")
-    return parts
+CHUNK_SIZE: int = _rules.CHUNK_SIZE
+MAX_MEMBERS: int = _rules.MAX_MEMBERS
+MAX_BYTES: int = _rules.MAX_BYTES
+TEMP_SUFFIX: str = _rules.TEMP_SUFFIX
+iter_tar = _rules.iter_tar
 
 
 def extract_tar(
@@ -152,178 +28,14 @@ def extract_tar(
     max_members: int = MAX_MEMBERS,
     max_bytes: int = MAX_BYTES,
 ) -> tuple[int, int]:
-    """Extract the uncompressed tar stream `fileobj` into the directory `target`, all or nothing.
-
-    `target` (and its parents) is created if missing; existing entries are merged with: a member file
-    replaces a file of the same name, a member directory is merged into a directory. Links, devices and
-    FIFOs are rejected, or skipped with `drop_special`. Returns (files, bytes) extracted.
-
-    Raises:
-        UnsafeArchiveError: a member broke a rule (ArchiveTooLargeError for the caps).
-        ArchiveConflictError: a member clashes with an existing entry of another type.
-        tarfile.TarError: the stream is not a valid tar archive.
-    """
-    created: list[Path] = []
-    for parent in reversed([target, *target.parents]):
-        if not parent.exists():
-            created.append(parent)
-    target.mkdir(parents=True, exist_ok=True)
-    target_fd = os.open(target, _DIR_FLAGS)
-    staging_name = _STAGING_PREFIX + secrets.token_hex(8)
-    os.mkdir(staging_name, 0o700, dir_fd=target_fd)
-    staging_fd = os.open(staging_name, _DIR_FLAGS, dir_fd=target_fd)
+    """`archive.extract_tar`, raising ArchiveError for unsafe or oversized archives and
+    FileExistsError for members that clash with existing entries."""
     try:
-        try:
-            counts = _extract_members(fileobj, staging_fd, target / staging_name, drop_special, max_members, max_bytes)
-            _check_merge(staging_fd, target_fd, "")
-            _merge(staging_fd, target_fd)
-        finally:
-            os.close(staging_fd)
-            shutil.rmtree(staging_name, dir_fd=target_fd)
-    except BaseException:
-        os.close(target_fd)
-        for path in reversed(created):  # directories this call made, if still empty
-            try:
-                path.rmdir()
-            except OSError:
-                break
-        raise
-    os.close(target_fd)
-    return counts
-
-
-def _extract_members(
-    fileobj: IO[bytes], staging_fd: int, staging: Path, drop_special: bool, max_members: int, max_bytes: int
-) -> tuple[int, int]:
-    members = files = total = 0
-    with tarfile.open(fileobj=fileobj, mode="r|", bufsize=CHUNK_SIZE, tarinfo=_GuardedTarInfo) as tar:
-        for member in tar:
-            members += 1
-            if members > max_members:
-                raise ArchiveTooLargeError(f"archive has more than {max_members} members")
-            parts = member_parts(member.name)
-            if not (member.isreg() or member.isdir()):
-                if drop_special:
-                    continue
-                raise UnsafeArchiveError(f"member {member.name!r} is a link or special file; only files travel")
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: the stdlib's rules on top of ours
-                try:
-                    tarfile.data_filter(member, str(staging))
-                except tarfile.FilterError as exc:
-                    raise UnsafeArchiveError(f"member {member.name!r}: {exc}") from exc
-            if member.isdir():
-                if parts:
-                    os.close(_open_dir(staging_fd, parts, mode=(member.mode & 0o755) | 0o700))
-                continue
-            if not parts:
-                raise UnsafeArchiveError(f"file member {member.name!r} has no name")
-            total += member.size
-            if total > max_bytes:
-                raise ArchiveTooLargeError(f"archive expands to more than {max_bytes} bytes")
-            source = tar.extractfile(member)
-            assert source is not None
-            _write_member(source, staging_fd, parts, member)
-            files += 1
-    return files, total
-
-
-def _open_dir(root_fd: int, parts: list[str], mode: int | None = None) -> int:
-    """Open (creating as needed) the directory `parts` below `root_fd`, never through a link."""
-    fd = os.dup(root_fd)
-    try:
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            try:
-                os.mkdir(part, 0o700, dir_fd=fd)
-            except FileExistsError:
-                pass
-            try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                raise UnsafeArchiveError(f"{'/'.join(parts[: index + 1])!r} is both a file and a directory") from exc
-            os.close(fd)
-            fd = child
-            if last and mode is not None:
-                os.fchmod(fd, mode)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _write_member(source: IO[bytes], staging_fd: int, parts: list[str], member: tarfile.TarInfo) -> None:
-    parent_fd = _open_dir(staging_fd, parts[:-1])
-    try:
-        try:
-            fd = os.open(parts[-1], _CREATE_FLAGS, 0o600, dir_fd=parent_fd)
-        except OSError as exc:
-            raise UnsafeArchiveError(f"member {member.name!r} appears twice or clashes with a directory") from exc
-        with open(fd, "wb", buffering=0, closefd=True) as out:
-            remaining = member.size
-            while remaining:
-                data = source.read(min(CHUNK_SIZE, remaining))
-                if not data:
-                    raise tarfile.ReadError(f"archive ends inside member {member.name!r}")
-                view = memoryview(data)
-                while view:
-                    view = view[out.write(view) or 0 :]
-                remaining -= len(data)
-            os.fchmod(fd, (member.mode & 0o755) | 0o600)
-            os.utime(fd, (member.mtime, member.mtime))
-    finally:
-        os.close(parent_fd)
-
-
-def _check_merge(src_fd: int, dst_fd: int, prefix: str) -> None:
-    """Refuse the merge before anything moves if an entry clashes with the target."""
-    with os.scandir(src_fd) as scan:
-        entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
-    for name, is_dir in entries:
-        try:
-            existing = os.lstat(name, dir_fd=dst_fd).st_mode
-        except FileNotFoundError:
-            continue
-        if is_dir and stat.S_ISLNK(existing):
-            raise ArchiveConflictError(f"{prefix + name!r} exists as a symlink; it is not followed")
-        if is_dir and not stat.S_ISDIR(existing):
-            raise ArchiveConflictError(f"{prefix + name!r} exists and is not a directory")
-        if not is_dir and stat.S_ISDIR(existing):
-            raise ArchiveConflictError(f"{prefix + name!r} exists and is a directory")
-        if is_dir:
-            src_child = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
-            try:
-                dst_child = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
-                try:
-                    _check_merge(src_child, dst_child, prefix + name + "/")
-                finally:
-                    os.close(dst_child)
-            finally:
-                os.close(src_child)
-
-
-def _merge(src_fd: int, dst_fd: int) -> None:
-    """Move the staged entries into the target: whole new subtrees by one rename, files by replace."""
-    with os.scandir(src_fd) as scan:
-        entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
-    for name, is_dir in entries:
-        if is_dir:
-            try:
-                os.lstat(name, dir_fd=dst_fd)
-            except FileNotFoundError:
-                os.rename(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-                continue
-            src_child = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
-            try:
-                try:
-                    dst_child = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
-                except OSError as exc:
-                    raise ArchiveConflictError(f"{name!r} changed into a non-directory during the upload") from exc
-                try:
-                    _merge(src_child, dst_child)
-                finally:
-                    os.close(dst_child)
-            finally:
-                os.close(src_child)
-        else:
-            # rename() replaces a symlink itself, never what it points to.
-            os.replace(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        result: tuple[int, int] = _rules.extract_tar(
+            fileobj, target, drop_special=drop_special, max_members=max_members, max_bytes=max_bytes
+        )
+        return result
+    except _rules.UnsafeArchiveError as exc:
+        raise ArchiveError(str(exc)) from exc
+    except _rules.ArchiveConflictError as exc:
+        raise FileExistsError(str(exc)) from exc

@@ -1,15 +1,15 @@
-"""Tar writing and guarded extraction, on the host (`ipybox.resource._archive`) and in the server.
+"""Tar writing and guarded extraction, as the host (`ipybox.resource._archive`) and the server use it.
 
-Every crafted archive runs against both copies: the host drops links and special files (a compromised
-sandbox may send them) and the server refuses them; both refuse unsafe names and enforce the caps, and
-neither writes anything outside the target or keeps a partial archive.
+One implementation serves both ends; every crafted archive runs against both uses: the host drops links
+and special files (a compromised sandbox may send them) and maps errors to ipybox's, the server refuses
+them; both refuse unsafe names and enforce the caps, and neither writes anything outside the target or
+keeps a partial archive.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +18,8 @@ from types import ModuleType
 import pytest
 
 from ipybox import ArchiveError
+from ipybox._image.ipybox_server import archive as server_archive
 from ipybox.resource import _archive as host_archive
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ipybox" / "_image"))
-
-from ipybox_server import archive as server_archive  # noqa: E402
 
 Member = tuple[tarfile.TarInfo, bytes]
 
@@ -309,16 +306,3 @@ def test_setuid_and_world_writable_bits_are_dropped(side: ModuleType, target: Pa
     info.mode = 0o6777
     extract(side, make_tar([(info, content)]), target)
     assert os.stat(target / "tool").st_mode & 0o7777 == 0o755
-
-
-# -- the two copies --------------------------------------------------------------------------------
-
-
-def test_host_and_server_share_the_code_below_the_writing_line() -> None:
-    def body(module: ModuleType) -> str:
-        source = Path(module.__file__ or "").read_text()
-        return source[source.index("# -- writing") :]
-
-    assert body(host_archive) == body(server_archive), "edit both archive modules together"
-    for name in ["CHUNK_SIZE", "MAX_MEMBERS", "MAX_BYTES", "MAX_HEADER_BYTES", "TEMP_SUFFIX", "_STAGING_PREFIX"]:
-        assert getattr(host_archive, name) == getattr(server_archive, name), name

@@ -76,7 +76,15 @@ def test_core_requirements() -> None:
         for line in (IMAGE_DIR / "requirements-core.txt").read_text().splitlines()
         if line and not line.startswith("#")
     ]
-    assert lines == ["jupyter_kernel_gateway>=3", "ipykernel>=6.29", "aiohttp>=3.10", "matplotlib", "pillow"]
+    assert lines == [
+        "jupyter_kernel_gateway>=3",
+        "ipykernel>=6.29",
+        "aiohttp>=3.10",
+        "matplotlib",
+        "pillow",
+        "mcp>=2.3,<3",
+        "datamodel-code-generator>=0.89,<1",
+    ]
 
 
 def test_build_args() -> None:

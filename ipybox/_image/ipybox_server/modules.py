@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-
 from ipybox_server.paths import APP_ROOT
 
 MAX_NAMES = 100

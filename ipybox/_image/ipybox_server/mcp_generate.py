@@ -1,0 +1,511 @@
+"""Generates a Python package for the tools of an MCP server. Runs in a subprocess of the server.
+
+`python -I -m ipybox_server.mcp_generate` reads one JSON request from stdin
+(`{"target": "/app/<relpath>/<server_name>", "server_params": {...}}`), lists the server's tools,
+writes the package and prints one JSON answer: `{"modules": [...]}` or `{"error": ..., "status": ...}`.
+A subprocess keeps the `mcp` SDK and datamodel-code-generator out of the resource server's process
+(its start-up time, memory and event loop) and lets the server kill a hung generation outright.
+
+Nothing a server sends is pasted into code as text. Strings reach the generated source as literals
+that are checked to evaluate back to the same string (`repr()` or a verified docstring literal). The
+pydantic model code from datamodel-code-generator is parsed, checked against an allowlist of
+constructs (imports from a few modules, class definitions, annotated fields, calls to imported
+names), executed once in isolation to check that it defines `Params`, and emitted again with
+`ast.unparse`; a schema that fails any step gets a permissive `Params` model instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import builtins
+import errno
+import json
+import keyword
+import os
+import re
+import shutil
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+from ipybox_server import mcp_params
+
+MAX_NAME_LENGTH = 100
+LIST_TIMEOUT = 120.0
+MAX_PAGES = 100
+
+_ROOT_CLASS = "IpyboxRootParams"
+_MODEL_MODULES = {"__future__", "pydantic", "typing", "typing_extensions", "enum", "datetime", "decimal", "uuid"}
+_MODEL_MODULES |= {"ipaddress", "pathlib", "annotated_types"}
+_SAFE_BUILTINS = {"str", "int", "float", "bool", "bytes", "dict", "list", "set", "tuple", "frozenset", "object"}
+_MODEL_NODES = (
+    ast.Module, ast.ImportFrom, ast.alias, ast.ClassDef, ast.AnnAssign, ast.Assign, ast.Expr, ast.Constant,
+    ast.Name, ast.Load, ast.Store, ast.Attribute, ast.Subscript, ast.Tuple, ast.List, ast.Dict, ast.Set,
+    ast.Call, ast.keyword, ast.BinOp, ast.BitOr, ast.UnaryOp, ast.USub, ast.Pass, ast.Slice,
+)  # fmt: skip
+_MODULE_NAMES = {"_call_tool", "_SERVER_PARAMS", "_TOOL_NAME"}
+
+FALLBACK_MODEL = '''from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Arguments of the tool as keyword arguments; see _INPUT_SCHEMA for what the tool accepts."""
+
+    model_config = ConfigDict(extra="allow")
+'''
+
+
+class GenerationError(Exception):
+    """Generation failed; `status` is the HTTP status the server answers with."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- names ------------------------------------------------------------------------------------------
+
+
+def sanitize_name(name: str) -> str:
+    """A valid, public, non-keyword ASCII identifier for tool `name` (e.g. `get-weather` -> `get_weather`)."""
+    result = re.sub(r"[^0-9A-Za-z_]", "_", name)[:MAX_NAME_LENGTH].lstrip("_")
+    if not result:
+        result = "tool"
+    if result[0].isdigit():
+        result = f"tool_{result}"
+    if keyword.iskeyword(result):
+        result = f"{result}_"
+    return result
+
+
+def module_names(tool_names: list[str]) -> dict[str, str]:
+    """Module name for each tool name; collisions resolved deterministically.
+
+    Names that are already valid get themselves; the others get their sanitized form, or, when that
+    is taken, the form with the lowest free suffix `_2`, `_3`, ... in sorted order of the tool names.
+    The result does not depend on the order in which the server lists its tools.
+    """
+    unique = sorted(set(tool_names))
+    taken: set[str] = set()
+    result: dict[str, str] = {}
+    for name in unique:
+        if sanitize_name(name) == name:
+            result[name] = name
+            taken.add(name)
+    for name in unique:
+        if name in result:
+            continue
+        base = candidate = sanitize_name(name)
+        suffix = 2
+        while candidate in taken:
+            candidate = f"{base}_{suffix}"
+            suffix += 1
+        result[name] = candidate
+        taken.add(candidate)
+    return result
+
+
+# -- literals ---------------------------------------------------------------------------------------
+
+
+def literal(value: Any) -> str:
+    """`repr(value)` for JSON-like data, checked to evaluate back to an equal value."""
+    text = repr(value)
+    try:
+        same = ast.literal_eval(text) == value
+    except (ValueError, SyntaxError, RecursionError) as exc:
+        raise ValueError(f"{type(value).__name__} value cannot be written as a Python literal") from exc
+    if not same:
+        raise ValueError(f"{type(value).__name__} value does not survive a round trip as a Python literal")
+    return text
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if char in "\n\t":
+        return char
+    if code < 0x20 or code == 0x7F:
+        return f"\\x{code:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return char
+
+
+def docstring_literal(text: str, indent: str = "") -> str:
+    """A readable triple-quoted literal evaluating to `text` (lines after the first get `indent`).
+
+    Falls back to `repr()` when the readable form would not evaluate back to the same string.
+    """
+    body = "".join(_escape_char(char) for char in text.replace("\\", "\\\\"))
+    body = body.replace('"""', '\\"\\"\\"')
+    if body.endswith('"'):
+        body = body[:-1] + '\\"'
+    expected = text.replace("\n", "\n" + indent) if indent else text
+    body = body.replace("\n", "\n" + indent) if indent else body
+    candidate = f'"""{body}"""'
+    try:
+        if ast.literal_eval(candidate) == expected:
+            return candidate
+    except (ValueError, SyntaxError):
+        pass
+    return repr(text)
+
+
+# -- the pydantic model ---------------------------------------------------------------------------
+
+
+class UnsafeModelCode(ValueError):
+    """Model code contains a construct outside the allowlist."""
+
+
+def check_model_code(tree: ast.Module) -> None:
+    """Refuse model code that does anything but import from a few modules and define classes.
+
+    Raises:
+        UnsafeModelCode: names the first construct outside the allowlist.
+    """
+    allowed_names = set(_SAFE_BUILTINS)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level or node.module not in _MODEL_MODULES:
+                raise UnsafeModelCode(f"import from {node.module!r}")
+            allowed_names.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.ClassDef):
+            allowed_names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            allowed_names.update(target.id for target in targets if isinstance(target, ast.Name))
+    for node in ast.walk(tree):
+        if not isinstance(node, _MODEL_NODES):
+            raise UnsafeModelCode(f"{type(node).__name__} at line {getattr(node, 'lineno', '?')}")
+        if isinstance(node, ast.ClassDef) and (node.decorator_list or node.keywords):
+            raise UnsafeModelCode(f"decorator or class keyword on {node.name}")
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in allowed_names:
+            if node.id not in ("None", "True", "False"):
+                raise UnsafeModelCode(f"name {node.id!r}")
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith("__"):
+            raise UnsafeModelCode(f"assignment to {node.id!r}")
+        if isinstance(node, ast.Attribute):
+            if node.attr.startswith("_") or not isinstance(node.value, ast.Name):
+                raise UnsafeModelCode(f"attribute {node.attr!r}")
+        if isinstance(node, ast.Call) and not isinstance(node.func, ast.Name | ast.Attribute):
+            raise UnsafeModelCode("call of a computed callable")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr != "model_rebuild":
+            raise UnsafeModelCode(f"call of {node.func.attr!r}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SAFE_BUILTINS:
+            raise UnsafeModelCode(f"call of builtin {node.func.id!r}")
+
+
+class _Renamer(ast.NodeTransformer):
+    def __init__(self, mapping: dict[str, str]) -> None:
+        self.mapping = mapping
+
+    def visit_Name(self, node: ast.Name) -> ast.Name:
+        node.id = self.mapping.get(node.id, node.id)
+        return node
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
+        node.name = self.mapping.get(node.name, node.name)
+        self.generic_visit(node)
+        return node
+
+
+def _defined_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(target.id for target in targets if isinstance(target, ast.Name))
+    return names
+
+
+def check_model_runs(code: str) -> None:
+    """Execute already-checked model code in a throwaway module; `Params` must be a working model."""
+    from pydantic import BaseModel
+
+    name = "_ipybox_model_check"
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    try:
+        exec(compile(code, f"<{name}>", "exec"), module.__dict__)  # noqa: S102 (allowlisted code)
+        params = module.__dict__.get("Params")
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise UnsafeModelCode("the model code does not define a Params model")
+        params.model_json_schema()
+    finally:
+        del sys.modules[name]
+
+
+def model_code(input_schema: dict[str, Any]) -> str:
+    """Pydantic v2 code defining `Params` (and the models it uses) for a tool's input schema.
+
+    Raises:
+        Exception: datamodel-code-generator failed, or its output failed a check (see module doc).
+    """
+    from datamodel_code_generator import DataModelType, InputFileType, PythonVersion, generate
+
+    schema = dict(input_schema)
+    schema.pop("title", None)
+    with tempfile.TemporaryDirectory() as empty:
+        # An empty working directory: relative file $refs find nothing; remote $refs are refused.
+        cwd = os.getcwd()
+        os.chdir(empty)
+        try:
+            code = generate(
+                json.dumps(schema),
+                input_file_type=InputFileType.JsonSchema,
+                output_model_type=DataModelType.PydanticV2BaseModel,
+                class_name=_ROOT_CLASS,
+                target_python_version=PythonVersion.PY_311,
+                allow_remote_refs=False,
+                formatters=[],
+                disable_timestamp=True,
+                use_union_operator=True,
+                use_standard_collections=True,
+            )
+        finally:
+            os.chdir(cwd)
+    if not isinstance(code, str):
+        raise UnsafeModelCode("datamodel-code-generator produced more than one module")
+    tree = ast.parse(code)
+    check_model_code(tree)
+    defined = _defined_names(tree)
+    if _ROOT_CLASS not in defined:
+        raise UnsafeModelCode("the root model is missing")
+    renamed = "Params_"
+    while renamed in defined:
+        renamed += "_"
+    tree = ast.fix_missing_locations(_Renamer({"Params": renamed, _ROOT_CLASS: "Params"}).visit(tree))
+    result = ""
+    for index, statement in enumerate(tree.body):
+        separator = "\n\n\n" if index and isinstance(statement, ast.ClassDef) else "\n"
+        result += (separator if index else "") + ast.unparse(statement)
+    result += "\n"
+    check_model_runs(result)
+    return result
+
+
+# -- modules --------------------------------------------------------------------------------------
+
+
+def render_tool_module(
+    server_name: str, tool_name: str, func_name: str, description: str | None, params_code: str, schema_note: str = ""
+) -> str:
+    """Source of one tool module: the `Params` model and `<func_name>(params: Params) -> str`.
+
+    `params_code` must define `Params` and start with `from __future__ import annotations` (if at all).
+    Only `server_name` (an identifier) and `func_name` (sanitized) appear outside literals.
+    """
+    if not server_name.isidentifier() or not func_name.isidentifier() or keyword.iskeyword(func_name):
+        raise ValueError("server_name and func_name must be identifiers")
+    defined = _defined_names(ast.parse(params_code)) | _MODULE_NAMES
+    while func_name in defined or func_name in vars(builtins):
+        func_name += "_"
+    lines = []
+    if description:
+        lines.append(docstring_literal(description))
+    lines.append(f"# Generated by ipybox from MCP server {server_name}: regenerate instead of editing.")
+    lines.append("")
+    lines.append(params_code.rstrip("\n"))
+    if schema_note:
+        lines.append(schema_note.rstrip("\n"))
+    function_doc = description or f"Call the MCP tool {tool_name!r}."
+    lines += [
+        "",
+        "from ipybox_server.mcp_runtime import call_tool as _call_tool",
+        "",
+        "from . import SERVER_PARAMS as _SERVER_PARAMS",
+        "",
+        f"_TOOL_NAME = {literal(tool_name)}",
+        "",
+        "",
+        f"def {func_name}(params: Params) -> str:",
+        f"    {docstring_literal(function_doc, indent='    ')}",
+        "    return _call_tool(_SERVER_PARAMS, _TOOL_NAME, params)",
+        "",
+    ]
+    source = "\n".join(lines)
+    compile(source, f"<{func_name}>", "exec")
+    return source
+
+
+def tool_module(server_name: str, tool_name: str, func_name: str, description: str | None, schema: Any) -> str:
+    """The source of one tool module; a permissive model when the schema cannot be turned into code."""
+    note = ""
+    try:
+        if not isinstance(schema, dict):
+            raise UnsafeModelCode("the input schema is not an object")
+        code = model_code(schema)
+    except Exception:  # any failure of the generator or of our checks: fall back, never fail the server
+        code = FALLBACK_MODEL
+        try:
+            note = f"\n_INPUT_SCHEMA = {literal(schema)}\n"
+        except ValueError:
+            note = "\n_INPUT_SCHEMA = None\n"
+    return render_tool_module(server_name, tool_name, func_name, description, code, note)
+
+
+def render_init(server_name: str, server_params: dict[str, Any], modules: dict[str, str]) -> str:
+    return "\n".join(
+        [
+            f'"""Generated by ipybox: client modules for the tools of MCP server {server_name}."""',
+            "",
+            f"SERVER_PARAMS = {literal(server_params)}",
+            "",
+            "# tool name -> module name",
+            f"TOOLS = {literal(modules)}",
+            "",
+        ]
+    )
+
+
+def render_package(server_name: str, server_params: dict[str, Any], tools: list[dict[str, Any]]) -> dict[str, str]:
+    """File name -> source for the package; `tools` are dicts with name, description, input_schema."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for tool in tools:
+        by_name.setdefault(tool["name"], tool)
+    names = module_names(list(by_name))
+    files = {"__init__.py": render_init(server_name, server_params, names)}
+    for tool_name, module in names.items():
+        tool = by_name[tool_name]
+        files[f"{module}.py"] = tool_module(
+            server_name, tool_name, module, tool.get("description"), tool.get("input_schema")
+        )
+    return files
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def write_package(target: Path, files: dict[str, str]) -> None:
+    """Write the package into a fresh directory next to `target`, then swap it in (atomic where possible)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        staging.chmod(0o755)
+        if not os.path.lexists(target):
+            try:
+                os.rename(staging, target)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        if not _exchange(staging, target):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rename(target, old / "package")
+            os.rename(staging, target)
+            staging = old
+    finally:
+        _remove(staging)  # after a swap: the old package
+
+
+# -- talking to the server ------------------------------------------------------------------------
+
+
+def _failure_message(exc: BaseException, errlog: Any) -> str:
+    from ipybox_server.mcp_runtime import leaf_exception, stderr_tail
+
+    leaf = leaf_exception(exc)
+    message = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+    tail = stderr_tail(errlog)
+    return f"{message}; server stderr: {tail}" if tail else message
+
+
+async def list_tools(server_params: dict[str, Any], timeout: float = LIST_TIMEOUT) -> list[dict[str, Any]]:
+    """The server's tools as dicts (name, description, input_schema).
+
+    Raises:
+        GenerationError: the server could not be reached, failed, or did not answer in time.
+    """
+    import anyio
+    from ipybox_server.mcp_runtime import connect
+
+    tools: list[dict[str, Any]] = []
+    with tempfile.TemporaryFile() as errlog:
+        try:
+            with anyio.fail_after(timeout):
+                async with connect(server_params, errlog) as client:
+                    cursor = None
+                    for _ in range(MAX_PAGES):
+                        page = await client.list_tools(cursor=cursor)
+                        tools += [
+                            {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+                            for t in page.tools
+                        ]
+                        cursor = page.next_cursor
+                        if not cursor:
+                            break
+        except TimeoutError as exc:
+            raise GenerationError(f"the MCP server did not list its tools within {timeout:g} s") from exc
+        except Exception as exc:
+            raise GenerationError(f"the MCP server failed: {_failure_message(exc, errlog)}") from exc
+    return tools
+
+
+async def generate(target: Path, server_params: dict[str, Any]) -> list[str]:
+    try:
+        params = mcp_params.normalize(server_params)
+    except mcp_params.ParamsError as exc:
+        raise GenerationError(str(exc), 400) from exc
+    tools = await list_tools(params)
+    files = await asyncio.to_thread(render_package, target.name, params, tools)
+    await asyncio.to_thread(write_package, target, files)
+    return sorted(name.removesuffix(".py") for name in files if name != "__init__.py")
+
+
+def main() -> None:
+    answer = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # stray prints of libraries must not corrupt the answer
+    sys.stdout = sys.stderr
+    try:
+        request = json.loads(sys.stdin.read())
+        modules = asyncio.run(generate(Path(request["target"]), request["server_params"]))
+        result: dict[str, Any] = {"modules": modules}
+    except GenerationError as exc:
+        result = {"error": str(exc), "status": exc.status}
+    except Exception as exc:
+        result = {"error": f"generation failed: {type(exc).__name__}: {exc}", "status": 500}
+    answer.write(json.dumps(result))
+    answer.close()
+
+
+if __name__ == "__main__":
+    main()
