@@ -26,8 +26,9 @@ SERVER_SOURCE = (SERVER_DIR / "server.py").read_text()
 sys.path.insert(0, str(SERVER_DIR.parent.parent / "ipybox" / "_image"))
 sys.path.insert(0, str(SERVER_DIR))
 
-from ipybox_server.mcp_generate import sanitize_name  # noqa: E402
 from server import ERROR_MESSAGE, HOSTILE_DESCRIPTION, HOSTILE_NAME, PWNED_PATH  # noqa: E402
+
+from ipybox_server.mcp_generate import sanitize_name  # noqa: E402
 
 HOSTILE_MODULE = sanitize_name(HOSTILE_NAME)
 ALL_MODULES = sorted(["echo", "fail", "get_weather", "register", "stats", HOSTILE_MODULE])

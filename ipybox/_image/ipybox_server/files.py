@@ -29,6 +29,7 @@ import tarfile
 from pathlib import Path
 
 from aiohttp import StreamReader, web
+
 from ipybox_server import archive
 from ipybox_server.paths import bad_request, not_found, resolve
 

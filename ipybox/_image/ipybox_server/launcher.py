@@ -8,8 +8,9 @@ import asyncio
 import sys
 
 from aiohttp import web
-from ipybox_server import prewarm, resource
 from traitlets.config import Config
+
+from ipybox_server import prewarm, resource
 
 EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900

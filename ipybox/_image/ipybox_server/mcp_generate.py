@@ -456,6 +456,7 @@ async def list_tools(server_params: dict[str, Any], timeout: float = LIST_TIMEOU
         GenerationError: the server could not be reached, failed, or did not answer in time.
     """
     import anyio
+
     from ipybox_server.mcp_runtime import connect
 
     tools: list[dict[str, Any]] = []

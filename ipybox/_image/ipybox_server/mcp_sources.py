@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from aiohttp import web
+
 from ipybox_server import mcp_params
 from ipybox_server.paths import APP_ROOT, bad_request, not_found, resolve
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+
 from ipybox_server.paths import APP_ROOT
 
 MAX_NAMES = 100

@@ -6,6 +6,7 @@ Every request must carry the per-container secret as `Authorization: token <secr
 import hmac
 
 from aiohttp import web
+
 from ipybox_server import files, mcp_sources, modules
 
 TOKEN_KEY = web.AppKey("token", str)
