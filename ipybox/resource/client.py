@@ -173,12 +173,27 @@ class ResourceClient:
     async def generate_mcp_sources(self, relpath: str, server_name: str, server_params: dict[str, Any]) -> list[str]:
         """Generate a Python package `/app/<relpath>/<server_name>/` for the tools of an MCP server.
 
-        Returns the names of the generated tool modules.
+        The sandbox connects to the server: stdio (`{"command": ..., "args": [...], "env": {...}}`,
+        started inside the container), streamable HTTP (`{"type": "streamable_http", "url": ...}` or
+        a URL containing `/mcp`) or SSE (`{"type": "sse", "url": ...}` or `/sse`), with optional
+        `headers`. Each tool becomes a module with a pydantic `Params` model and a function
+        `<tool>(params) -> str`; regenerating replaces the package. See docs/mcp.md.
+
+        Returns:
+            The names of the generated tool modules.
+
+        Raises:
+            RemotePathError: a bad `relpath`, `server_name` or `server_params`.
+            ResourceError: the MCP server could not be reached or failed (status 422, its message).
         """
         return await _mcp.generate_mcp_sources(self._connected(), relpath, server_name, server_params)
 
     async def get_mcp_sources(self, relpath: str, server_name: str) -> dict[str, str]:
-        """The generated tool modules of `/app/<relpath>/<server_name>/`, keyed by module name."""
+        """The generated tool modules of `/app/<relpath>/<server_name>/`, keyed by module name.
+
+        Raises:
+            RemoteFileNotFoundError: no generated package there.
+        """
         return await _mcp.get_mcp_sources(self._connected(), relpath, server_name)
 
     async def status(self) -> dict[str, Any]:
