@@ -7,7 +7,8 @@
     │   └── BuildError
     │       └── DependencyFileError  a malformed line in a dependencies file (names the line)
     ├── ContainerError               container could not be created, started or inspected
-    │   └── ContainerStartError      the servers in the container did not come up
+    │   ├── ContainerStartError      the servers in the container did not come up
+    │   └── FirewallError            firewall rules could not be applied (also a RuntimeError)
     ├── ServerConnectionError        a port of the container cannot be reached
     │   └── AuthenticationError      the server refused the secret (401/403)
     ├── KernelError                  the kernel misbehaved
@@ -141,3 +142,10 @@ class RemotePathError(ResourceError, ValueError):
 
 class ArchiveError(ResourceError):
     """A directory archive was rejected: links, unsafe names, or caps on members or size exceeded."""
+
+
+class FirewallError(ContainerError, RuntimeError):
+    """The firewall rules could not be applied; the sandbox was left blocked, never open.
+
+    A `RuntimeError` too, as the seed API documents for `init_firewall` failures.
+    """

@@ -79,6 +79,8 @@ class ExecutionContainer:
         pids_limit: Maximum number of processes and threads in the container. None for no limit.
         labels: Extra Docker labels for the container (e.g. to find it for cleanup).
         startup_timeout: Seconds to wait for the container's servers to become ready.
+        network: Docker network to create the container on (default: Docker's default bridge). On a
+            user-defined network, other containers' names resolve through Docker's embedded DNS.
 
     Raises:
         ValueError: A container path in `binds` is absolute or contains "..", or a limit is invalid.
@@ -108,6 +110,7 @@ class ExecutionContainer:
         pids_limit: int | None = 1024,
         labels: dict[str, str] | None = None,
         startup_timeout: float = 30,
+        network: str | None = None,
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -116,6 +119,7 @@ class ExecutionContainer:
         self.host = host
         self.labels = labels or {}
         self.startup_timeout = startup_timeout
+        self.network = network
 
         self._memory_limit = parse_memory(memory_limit)
         if cpu_limit is not None and cpu_limit <= 0:
@@ -134,6 +138,7 @@ class ExecutionContainer:
         self._port_allocation_timeout = port_allocation_timeout
         self._state = _State.NEW
         self._registered: list[int] = []
+        self._image_id: str | None = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -232,15 +237,53 @@ class ExecutionContainer:
         """Initialize firewall rules to restrict internet access to a whitelist of allowed domains,
         IPv4 addresses, or CIDR ranges.
 
-        Not available yet in this version of ipybox.
+        Traffic policy inside the container after initialisation:
+
+        - Outbound traffic (TCP and UDP, IPv4 and IPv6) goes only to the whitelist entries: domains
+          are resolved at call time, inside the sandbox, to all their A records. Everything else is
+          rejected at once (connection refused / unreachable), not dropped into a timeout.
+        - DNS works, but only through the container's configured resolver(s).
+        - Loopback traffic is unrestricted.
+        - The host network (\\*/24 derived from the default gateway) is allowed bidirectionally;
+          SSH is allowed there and nowhere else.
+        - The executor and resource ports keep serving the host; replies to inbound connections
+          are the only other traffic allowed out.
+        - The cloud metadata range 169.254.0.0/16 is blocked unless an entry lies inside it.
+
+        DNS failures when resolving an allowed domain yield a warning but do not stop the firewall
+        initialization.
+
+        A firewall can be initialized multiple times per container. Subsequent calls will clear
+        previous firewall rules and enforce the new `allowed_domains` list; connections opened
+        earlier to hosts no longer allowed stop working.
+
+        The rules are applied by a short-lived helper container that joins the sandbox's network
+        namespace with NET_ADMIN; the sandbox never holds NET_ADMIN or NET_RAW, so its code cannot
+        undo them. For that reason root images (`ipybox build -r`) can be firewalled too.
+
+        Args:
+            allowed_domains: List of domains, IP addresses, or CIDR ranges that should be
+                reachable from the container. If None or empty, only essential services are
+                allowed.
 
         Raises:
-            RuntimeError: If the container is not running.
-            NotImplementedError: Always, until the firewall lands.
+            RuntimeError: If the container is not running, or firewall initialization fails
+                (`FirewallError`, carrying the helper's output; the sandbox is then left blocked).
+            ValueError: An entry is malformed; no rule was changed.
         """
-        if self._container is None:
+        if self._container is None or self._docker is None or self._image_id is None:
             raise InvalidStateError("Container not running")
-        raise NotImplementedError("init_firewall is not implemented yet")
+        from ipybox import _firewall
+
+        with docker_errors("initializing the firewall", self._container.id):
+            summary = await _firewall.apply(self._docker, self._container, self._image_id, allowed_domains)
+        logger.info(
+            "firewall of %s: allowed %s, host network %s, resolvers %s",
+            self._container.id[:12],
+            ", ".join(summary["allowed"]) or "nothing",
+            summary["host_network"],
+            ", ".join(summary["resolvers"]),
+        )
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -248,6 +291,7 @@ class ExecutionContainer:
         assert self._docker is not None
         with docker_errors("looking up the image"):
             image = await ensure_image(self._docker, self.tag, show_progress=self.show_pull_progress)
+        self._image_id = str(image["Id"])
         image_labels = (image.get("Config") or {}).get("Labels") or {}
         sandbox_ids = (int(image_labels.get(UID_LABEL, "0")), int(image_labels.get(GID_LABEL, "0")))
 
@@ -280,7 +324,12 @@ class ExecutionContainer:
             },
             # An init process reaps orphans that kernel code leaves behind.
             "Init": True,
+            # No raw sockets: sandbox code cannot craft packets around the firewall (NET_ADMIN is
+            # never granted; the firewall helper holds it, not the sandbox).
+            "CapDrop": ["NET_RAW"],
         }
+        if self.network is not None:
+            host_config["NetworkMode"] = self.network
         if self._memory_limit is not None:
             host_config["Memory"] = self._memory_limit
             host_config["MemorySwap"] = self._memory_limit
