@@ -138,7 +138,7 @@ def main(spec: dict[str, list]) -> dict[str, object]:  # type: ignore[type-arg]
 if __name__ == "__main__":
     try:
         summary = main(json.loads(sys.argv[1]))
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # after the lock-down: report, stay locked down
+        print(f"error: {exc!r}", file=sys.stderr)
         raise SystemExit(2) from exc
     print(json.dumps(summary))
