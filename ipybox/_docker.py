@@ -30,14 +30,17 @@ def is_connection_error(exc: aiodocker.DockerError) -> bool:
 
 
 @contextmanager
-def docker_errors(action: str, container_id: str | None = None) -> Iterator[None]:
-    """Translate aiodocker/aiohttp failures during `action` into the ipybox error tree."""
+def docker_errors(
+    action: str, container_id: str | None = None, error: type[ContainerError] = ContainerError
+) -> Iterator[None]:
+    """Translate aiodocker/aiohttp failures during `action` into the ipybox error tree (API errors
+    into `error`, a ContainerError class)."""
     try:
         yield
     except aiodocker.DockerError as exc:
         if is_connection_error(exc):
             raise DockerUnavailableError(f"{action} failed: the Docker engine does not answer. {ENGINE_HINT}") from exc
-        raise ContainerError(f"{action} failed: {exc.message} (HTTP {exc.status})", container_id) from exc
+        raise error(f"{action} failed: {exc.message} (HTTP {exc.status})", container_id) from exc
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise DockerUnavailableError(f"{action} failed: the Docker engine does not answer. {ENGINE_HINT}") from exc
 

@@ -125,20 +125,49 @@ async def apply(docker: aiodocker.Docker, container: Any, image_id: str, entries
 
 
 async def _resolvers(container: Any) -> list[str]:
-    """The nameservers of the sandbox's /etc/resolv.conf (read through the archive API)."""
+    """The resolvers the sandbox's DNS goes through.
+
+    The nameservers of its /etc/resolv.conf (read through the archive API); and when that is Docker's
+    embedded DNS (127.0.0.11, on user-defined networks), also the upstream servers it forwards to:
+    dockerd sends those queries from inside the sandbox's network namespace, so the firewall must let
+    them out. Docker takes them from the engine host's resolv.conf.
+    """
     archive: tarfile.TarFile = await container.get_archive("/etc/resolv.conf")
     member = archive.next()
     data = archive.extractfile(member) if member is not None else None
-    text = data.read().decode(errors="replace") if data is not None else ""
-    resolvers = []
+    resolvers = _nameservers(data.read().decode(errors="replace") if data is not None else "")
+    if EMBEDDED_DNS in resolvers:
+        resolvers += [server for server in _engine_upstream_servers() if server not in resolvers]
+    return resolvers
+
+
+EMBEDDED_DNS = "127.0.0.11"
+
+
+def _nameservers(text: str) -> list[str]:
+    servers = []
     for line in io.StringIO(text):
         fields = line.split()
         if len(fields) >= 2 and fields[0] == "nameserver":
             try:
-                resolvers.append(str(ipaddress.ip_address(fields[1].split("%")[0])))
+                servers.append(str(ipaddress.ip_address(fields[1].split("%")[0])))
             except ValueError:
                 continue
-    return resolvers
+    return servers
+
+
+def _engine_upstream_servers() -> list[str]:
+    """Non-loopback nameservers of this machine (the engine's host when Docker runs locally), as
+    Docker picks them: systemd-resolved's upstream list when present, else /etc/resolv.conf."""
+    for path in ("/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"):
+        try:
+            with open(path) as file:
+                servers = [s for s in _nameservers(file.read()) if not ipaddress.ip_address(s).is_loopback]
+        except OSError:
+            continue
+        if servers:
+            return servers
+    return []
 
 
 async def _cut_off(docker: aiodocker.Docker, container: Any) -> None:

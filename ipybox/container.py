@@ -17,7 +17,7 @@ import aiodocker
 
 from ipybox import _tokens
 from ipybox._docker import connect, docker_errors
-from ipybox._errors import ContainerError, ContainerStartError, InvalidStateError
+from ipybox._errors import ContainerError, ContainerStartError, FirewallError, InvalidStateError
 from ipybox._labels import (
     CONTAINER_LABEL,
     EXECUTOR_PORT,
@@ -275,7 +275,7 @@ class ExecutionContainer:
             raise InvalidStateError("Container not running")
         from ipybox import _firewall
 
-        with docker_errors("initializing the firewall", self._container.id):
+        with docker_errors("initializing the firewall", self._container.id, FirewallError):
             summary = await _firewall.apply(self._docker, self._container, self._image_id, allowed_domains)
         logger.info(
             "firewall of %s: allowed %s, host network %s, resolvers %s",

@@ -53,11 +53,11 @@ async def test_failed_set_up_fails_closed(make_container, image: str, monkeypatc
             await container.init_firewall([])
             assert (await client.execute(probe)).text == "hello"
 
-            async def broken_resolvers(_container: object) -> list[str]:
-                return ["not-an-address"]  # makes the helper fail after its lock-down
+            def broken_entries(_entries: object) -> tuple[list[str], list[str]]:
+                return ["not-a-network"], []  # passes the host, makes the helper fail after its lock-down
 
-            monkeypatch.setattr(_firewall, "_resolvers", broken_resolvers)
-            with pytest.raises(FirewallError, match="not-an-address") as info:
+            monkeypatch.setattr(_firewall, "parse_entries", broken_entries)
+            with pytest.raises(FirewallError, match="not-a-network") as info:
                 await container.init_firewall([peer_ip])
             assert isinstance(info.value, RuntimeError)
             assert (await client.execute(probe)).text == "ConnectionRefusedError"

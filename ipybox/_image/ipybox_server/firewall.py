@@ -3,9 +3,9 @@
 Runs in a short-lived container that joins a sandbox's network namespace with NET_ADMIN, as root; the
 sandbox itself never holds that capability, so its code cannot change what this writes. Steps:
 
-1. Lock down (IPv4 and IPv6): only loopback and replies to inbound connections. From here on, any
-   failure leaves the sandbox blocked, never open (exit 3 if even this fails: the host then cuts the
-   sandbox off its networks).
+1. Lock down (IPv4 and IPv6): only loopback, replies to inbound connections, and the resolvers on
+   port 53 (step 2 needs them). From here on, any failure leaves the sandbox blocked, never open (exit
+   3 if even this fails: the host then cuts the sandbox off its networks).
 2. Resolve the allowed domains here, inside the sandbox's namespace, with the sandbox's resolver (so
    names only Docker's embedded DNS knows resolve too): all A records. Unresolvable names are skipped
    with a warning.
@@ -104,25 +104,32 @@ def apply(version: int, document: str) -> None:
         raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr.strip()}\n{document}")
 
 
-def lock_down(ports: list[int]) -> None:
+def lock_down(ports: list[int], resolvers: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+    """Only loopback, replies to inbound connections, and DNS (needed to resolve the allow-list)."""
     for version in (4, 6):
-        apply(version, rules(version, allowed=[], host_network=None, resolvers=[], ports=ports))
+        apply(version, rules(version, allowed=[], host_network=None, resolvers=resolvers, ports=ports))
 
 
 def main(spec: dict[str, list]) -> dict[str, object]:  # type: ignore[type-arg]
     ports = [int(port) for port in spec.get("ports", [])]
+    resolvers, warnings = [], []
+    for entry in spec.get("resolvers", []):
+        try:
+            resolvers.append(ipaddress.ip_address(entry))
+        except ValueError:
+            warnings.append(f"resolver {entry!r} is not an IP address; not allowed")
     try:
-        lock_down(ports)
+        lock_down(ports, resolvers)
     except (OSError, RuntimeError) as exc:
         print(f"error: could not lock the sandbox down: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
 
     allowed: list[Network] = [ipaddress.ip_network(entry, strict=False) for entry in spec.get("networks", [])]
-    resolved, warnings = resolve(spec.get("domains", []))
+    resolved, resolve_warnings = resolve(spec.get("domains", []))
     allowed += resolved
+    warnings += resolve_warnings
     gateway = default_gateway()
     host_network = ipaddress.ip_network(f"{gateway}/24", strict=False) if gateway else None
-    resolvers = [ipaddress.ip_address(entry) for entry in spec.get("resolvers", [])]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for version in (4, 6):
