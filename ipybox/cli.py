@@ -119,6 +119,78 @@ def cleanup(
     err.print(f"removed {len(removed)} container(s)")
 
 
+@app.command()
+def mcp(
+    allowed_dir: Annotated[
+        list[Path] | None,
+        typer.Option("--allowed-dir", help="Host directory upload/download may use (repeatable) [default: cwd]."),
+    ] = None,
+    allowed_domain: Annotated[
+        list[str] | None,
+        typer.Option("--allowed-domain", help="Turns the firewall on: a domain, IPv4 address or CIDR (repeatable)."),
+    ] = None,
+    container_tag: Annotated[str, typer.Option("--container-tag", help="Image of the sandbox.")] = "gradion-ai/ipybox",
+    container_env_var: Annotated[
+        list[str] | None, typer.Option("--container-env-var", help="KEY=VALUE for the sandbox (repeatable).")
+    ] = None,
+    container_env_file: Annotated[
+        Path | None, typer.Option("--container-env-file", help="File of KEY=VALUE lines for the sandbox.")
+    ] = None,
+    container_bind: Annotated[
+        list[str] | None,
+        typer.Option("--container-bind", help="HOST:CONTAINER bind mount, CONTAINER relative to /app (repeatable)."),
+    ] = None,
+    container_label: Annotated[
+        list[str] | None, typer.Option("--container-label", help="KEY=VALUE label on the container (repeatable).")
+    ] = None,
+    memory_limit: Annotated[str | None, typer.Option(help="Memory limit of the sandbox, e.g. 4g.")] = "4g",
+    cpu_limit: Annotated[float | None, typer.Option(help="CPUs the sandbox may use.")] = None,
+    pids_limit: Annotated[int | None, typer.Option(help="Process/thread limit of the sandbox.")] = 1024,
+    max_output_chars: Annotated[
+        int, typer.Option(help="Cell output beyond this is cut in the middle (full text saved in the sandbox).")
+    ] = 20_000,
+) -> None:
+    """Serve the sandbox as an MCP server over stdio (for Claude Desktop, Claude Code, Cursor, ...)."""
+    from ipybox import mcp_server
+    from ipybox._limits import parse_memory
+    from ipybox._mcp_session import SandboxOptions, parse_binds, parse_env_file, parse_key_values
+
+    try:
+        directories = [directory.expanduser().resolve() for directory in (allowed_dir or [Path.cwd()])]
+        for directory in directories:
+            if not directory.is_dir():
+                raise ValueError(f"--allowed-dir {directory} is not an existing directory")
+        env = parse_env_file(container_env_file) if container_env_file else {}
+        env.update(parse_key_values(container_env_var or [], "--container-env-var"))
+        if max_output_chars < 1:
+            raise ValueError("--max-output-chars must be at least 1")
+        parse_memory(memory_limit)
+        if cpu_limit is not None and cpu_limit <= 0:
+            raise ValueError("--cpu-limit must be positive")
+        if pids_limit is not None and pids_limit <= 0:
+            raise ValueError("--pids-limit must be positive")
+        if allowed_domain:
+            from ipybox._firewall import parse_entries
+
+            parse_entries(allowed_domain)
+        options = SandboxOptions(
+            tag=container_tag,
+            allowed_dirs=directories,
+            allowed_domains=allowed_domain or None,
+            env=env,
+            binds=parse_binds(container_bind or []),
+            labels=parse_key_values(container_label or [], "--container-label"),
+            memory_limit=memory_limit,
+            cpu_limit=cpu_limit,
+            pids_limit=pids_limit,
+            max_output_chars=max_output_chars,
+        )
+    except (ValueError, OSError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    mcp_server.run(options)
+
+
 def _free_path(directory: Path, name: str) -> Path:
     path = directory / name
     stem, counter = path.stem, 1

@@ -177,7 +177,7 @@ class ResourceClient:
         started inside the container), streamable HTTP (`{"type": "streamable_http", "url": ...}` or
         a URL containing `/mcp`) or SSE (`{"type": "sse", "url": ...}` or `/sse`), with optional
         `headers`. Each tool becomes a module with a pydantic `Params` model and a function
-        `<tool>(params) -> str`; regenerating replaces the package. See docs/mcp.md.
+        `<tool>(params) -> str`; regenerating replaces the package. See docs/mcp-generation.md.
 
         Returns:
             The names of the generated tool modules.

@@ -1,0 +1,231 @@
+"""The sandbox behind `ipybox mcp`: one container, one kernel, started in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ipybox._errors import ImageNotFoundError
+from ipybox.container import ExecutionContainer
+from ipybox.executor import ExecutionClient, ExecutionResult
+from ipybox.resource.client import ResourceClient
+
+logger = logging.getLogger("ipybox.mcp")
+
+OUTPUT_DIR = ".ipybox/outputs"
+"""Where truncated outputs are saved in full, relative to /app."""
+
+
+@dataclass
+class SandboxOptions:
+    tag: str
+    allowed_dirs: list[Path]
+    allowed_domains: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    binds: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    memory_limit: str | None = "4g"
+    cpu_limit: float | None = None
+    pids_limit: int | None = 1024
+    max_output_chars: int = 20_000
+
+
+class PathNotAllowedError(PermissionError):
+    """A host path outside the directories the server may read and write."""
+
+
+class Sandbox:
+    """Owns the container and the clients; tool calls wait for `start()` to finish.
+
+    Calls on the kernel are serialized by one lock, so a `reset` waits for a running cell.
+    """
+
+    def __init__(self, options: SandboxOptions, build: Callable[[str], None] | None = None) -> None:
+        self.options = options
+        self._build = build
+        self._container: ExecutionContainer | None = None
+        self._client: ExecutionClient | None = None
+        self._resources: ResourceClient | None = None
+        self._started: asyncio.Task[None] | None = None
+        self._kernel_lock = asyncio.Lock()
+        self._output_counter = 0
+
+    def start(self) -> None:
+        """Start the container in the background (the MCP handshake does not wait for it)."""
+        self._started = asyncio.create_task(self._start(), name="ipybox-mcp-sandbox-start")
+
+    async def _start(self) -> None:
+        options = self.options
+        if self._build is not None:
+            await asyncio.to_thread(self._build, options.tag)
+        container = ExecutionContainer(
+            tag=options.tag,
+            binds=options.binds,
+            env=options.env,
+            show_pull_progress=True,
+            memory_limit=options.memory_limit,
+            cpu_limit=options.cpu_limit,
+            pids_limit=options.pids_limit,
+            labels=options.labels,
+        )
+        self._container = container
+        await container.run()
+        if options.allowed_domains is not None:
+            await container.init_firewall(options.allowed_domains)
+        self._client = ExecutionClient(port=container.executor_port)
+        await self._client.connect()
+        self._resources = ResourceClient(port=container.resource_port)
+        await self._resources.connect()
+        logger.info("sandbox %s ready", (container.container_id or "")[:12])
+
+    async def ready(self) -> tuple[ExecutionClient, ResourceClient]:
+        """Wait for the start; re-raise its failure (with its cause) on every call."""
+        if self._started is None:
+            raise RuntimeError("the sandbox was not started")
+        try:
+            await asyncio.shield(self._started)
+        except ImageNotFoundError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"the sandbox could not be started: {exc}") from exc
+        assert self._client is not None and self._resources is not None
+        return self._client, self._resources
+
+    async def close(self) -> None:
+        """Remove the container and close the clients; safe to call at any point."""
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+            with contextlib.suppress(BaseException):
+                await self._started
+        for closer in (self._client, self._resources):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer.disconnect()
+        if self._container is not None:
+            await self._container.kill()
+
+    # -- tools ------------------------------------------------------------------------------------
+
+    async def execute(self, code: str, timeout: float, max_output_chars: int | None) -> ExecutionResult:
+        client, resources = await self.ready()
+        async with self._kernel_lock:
+            result = await client.execute(code, timeout=timeout)
+        limit = max_output_chars or self.options.max_output_chars
+        if result.text is not None and len(result.text) > limit:
+            saved = await self._save_output(resources, result.text)
+            result.text = truncate_middle(result.text, limit, saved)
+        return result
+
+    async def reset(self) -> None:
+        client, _ = await self.ready()
+        async with self._kernel_lock:
+            fresh = ExecutionClient(port=client.port, host=client.host)
+            await fresh.connect()
+            self._client = fresh
+            await client.disconnect()
+
+    async def upload(self, relpath: str, local_path: str) -> str:
+        _, resources = await self.ready()
+        path = self.allowed_path(local_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file")
+        size = path.stat().st_size
+        await resources.upload_file(relpath, path)
+        return f"uploaded {size} bytes from {path} to /app/{relpath.lstrip('/')}"
+
+    async def download(self, relpath: str, local_path: str) -> str:
+        _, resources = await self.ready()
+        path = self.allowed_path(local_path)
+        await resources.download_file(relpath, path)
+        return f"downloaded {path.stat().st_size} bytes from /app/{relpath.lstrip('/')} to {path}"
+
+    def allowed_path(self, local_path: str) -> Path:
+        """`local_path` resolved (symlinks included), if it lies in an allowed directory."""
+        path = Path(local_path).expanduser()
+        resolved = Path(os.path.realpath(path if path.is_absolute() else self.options.allowed_dirs[0] / path))
+        for directory in self.options.allowed_dirs:
+            root = Path(os.path.realpath(directory))
+            if os.path.commonpath([root, resolved]) == str(root):
+                return resolved
+        allowed = ", ".join(str(directory) for directory in self.options.allowed_dirs)
+        raise PathNotAllowedError(
+            f"local path {local_path!r} (resolved: {resolved}) is outside the allowed directories: {allowed}. "
+            "Start `ipybox mcp` with --allowed-dir to allow more."
+        )
+
+    async def _save_output(self, resources: ResourceClient, text: str) -> str:
+        self._output_counter += 1
+        relpath = f"{OUTPUT_DIR}/cell-{time.strftime('%Y%m%d-%H%M%S')}-{self._output_counter}.txt"
+        with tempfile.TemporaryDirectory() as directory:
+            local = Path(directory) / "output.txt"
+            local.write_text(text, encoding="utf-8")
+            await resources.upload_file(relpath, local)
+        return f"/app/{relpath}"
+
+
+def truncate_middle(text: str, limit: int, saved_path: str) -> str:
+    """Keep the first and last `limit // 2` characters, with a marker saying what was cut and where
+    the full text is."""
+    head = limit // 2
+    tail = limit - head
+    omitted = len(text) - head - tail
+    marker = f"\n\n[... {omitted:,} characters omitted; full output saved to {saved_path} ...]\n\n"
+    return text[:head] + marker + text[len(text) - tail :]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def parse_key_values(pairs: list[str], what: str) -> dict[str, str]:
+    """KEY=VALUE strings into a dict; ValueError names a malformed one."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} {pair!r} is not KEY=VALUE")
+        result[key.strip()] = value
+    return result
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """A dotenv-style file: KEY=VALUE lines, blank lines and # comments ignored, optional quotes."""
+    result: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{path}, line {number}: {raw!r} is not KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        result[key.strip()] = value
+    return result
+
+
+def parse_binds(pairs: list[str]) -> dict[str, str]:
+    binds: dict[str, str] = {}
+    for pair in pairs:
+        host, sep, container = pair.rpartition(":")
+        if not sep or not host or not container:
+            raise ValueError(f"--container-bind {pair!r} is not HOST:CONTAINER")
+        if container.startswith("/") or ".." in Path(container).parts:
+            raise ValueError(f"--container-bind {pair!r}: the container path must be relative (it lands under /app)")
+        binds[host] = container
+    return binds

@@ -1,0 +1,152 @@
+"""`ipybox mcp`: the sandbox as an MCP server over stdio, a thin adapter over the public API.
+
+One sandbox (container + kernel) per server process. The MCP handshake is answered at once; the
+container starts in the background and the first tool call waits for it. stdout carries only MCP
+messages: logs, pull and build progress go to stderr. When the client disconnects or the process gets
+SIGTERM/SIGINT, the container is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import signal
+import sys
+
+from mcp.server import MCPServer
+from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent
+
+from ipybox._errors import ExecutionError, IpyboxError
+from ipybox._mcp_session import PathNotAllowedError, Sandbox, SandboxOptions, png_bytes
+
+logger = logging.getLogger("ipybox.mcp")
+
+INSTRUCTIONS = """\
+ipybox runs Python in a sandboxed, stateful IPython kernel inside a Docker container.
+State (variables, imports, definitions) persists between execute_ipython_cell calls until reset().
+The working directory is /app; upload_file puts files there and download_file fetches them."""
+
+EXECUTE_DESCRIPTION = """\
+Run Python code in the sandbox's IPython kernel and return its output.
+
+- State persists between calls: variables, imports and definitions stay until reset().
+- Install packages with `!pip install <package>` in a cell.
+- Top-level `await` works; do not call `asyncio.run` (the kernel already runs an event loop).
+- The working directory is /app (uploaded files land there); files persist across calls and resets.
+- Output is stdout, stderr, the last expression's value, and displayed objects; plots (e.g.
+  matplotlib with plt.show()) come back as PNG images.
+- Long output is cut in the middle; the full text is saved to a file in /app/.ipybox/outputs/ (named
+  in the output) that a later cell can read.
+- `timeout` (seconds) interrupts a cell that runs longer; the kernel keeps its state.
+"""
+
+
+def create_server(sandbox: Sandbox) -> MCPServer:
+    server = MCPServer(name="ipybox", instructions=INSTRUCTIONS)
+
+    @server.tool(description=EXECUTE_DESCRIPTION)
+    async def execute_ipython_cell(
+        code: str, timeout: float = 120, max_output_chars: int | None = None
+    ) -> CallToolResult:
+        if max_output_chars is not None and max_output_chars < 1:
+            return _error("max_output_chars must be at least 1")
+        try:
+            result = await sandbox.execute(code, timeout, max_output_chars)
+        except ExecutionError as exc:
+            return _error(f"{exc.message}\n{exc.trace or ''}".rstrip())
+        except TimeoutError as exc:
+            return _error(str(exc))
+        except (IpyboxError, RuntimeError) as exc:
+            return _error(str(exc))
+        content: list[ContentBlock] = [TextContent(type="text", text=result.text or "(no output)")]
+        for image in result.images:
+            data = base64.b64encode(png_bytes(image)).decode()
+            content.append(ImageContent(type="image", data=data, mime_type="image/png"))
+        return CallToolResult(content=content)
+
+    @server.tool(
+        description="Upload a host file into the sandbox at /app/<relpath> (parent directories are created). "
+        "local_path must lie in one of the directories the server allows (--allowed-dir)."
+    )
+    async def upload_file(relpath: str, local_path: str) -> CallToolResult:
+        return await _file_call(sandbox.upload(relpath, local_path))
+
+    @server.tool(
+        description="Download the sandbox file /app/<relpath> to a host path. local_path must lie in one of "
+        "the directories the server allows (--allowed-dir); parent directories are created."
+    )
+    async def download_file(relpath: str, local_path: str) -> CallToolResult:
+        return await _file_call(sandbox.download(relpath, local_path))
+
+    @server.tool(
+        description="Restart the kernel: variables, imports and definitions are gone; files in /app and "
+        "installed packages stay. Waits for a running cell to finish."
+    )
+    async def reset() -> CallToolResult:
+        try:
+            await sandbox.reset()
+        except (IpyboxError, RuntimeError) as exc:
+            return _error(str(exc))
+        return CallToolResult(
+            content=[TextContent(type="text", text="kernel reset: variables and imports are gone; files stay")]
+        )
+
+    return server
+
+
+async def _file_call(call: object) -> CallToolResult:
+    try:
+        text = await call  # type: ignore[misc]
+    except (PathNotAllowedError, OSError, IpyboxError, RuntimeError) as exc:
+        return _error(str(exc))
+    return CallToolResult(content=[TextContent(type="text", text=str(text))])
+
+
+def _error(text: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+
+
+async def serve(options: SandboxOptions, build_if_missing: bool = True) -> None:
+    """Serve MCP over stdio until the client disconnects or SIGTERM/SIGINT; always remove the sandbox."""
+    from ipybox._run import image_present
+
+    def build(tag: str) -> None:
+        # Runs in a worker thread at start-up, when the image is missing: progress on stderr.
+        if asyncio.run(image_present(tag)):
+            return
+        from ipybox._build import default_base_image
+        from ipybox.build_cli import build_command
+
+        logger.warning("image %s not found; building it (first use)", tag)
+        try:
+            build_command(tag, None, False, default_base_image())
+        except SystemExit as exc:  # typer.Exit: the build printed its error on stderr
+            raise RuntimeError(f"building image {tag} failed (see the server's stderr)") from exc
+        except Exception as exc:
+            if type(exc).__name__ == "Exit":
+                raise RuntimeError(f"building image {tag} failed (see the server's stderr)") from exc
+            raise
+
+    sandbox = Sandbox(options, build=build if build_if_missing else None)
+    server = create_server(sandbox)
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: main.cancel() if main else None)
+    sandbox.start()
+    try:
+        await server.run_stdio_async()
+    except asyncio.CancelledError:
+        logger.info("signal received; removing the sandbox")
+    finally:
+        await asyncio.shield(sandbox.close())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def run(options: SandboxOptions) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ipybox mcp: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(options))
