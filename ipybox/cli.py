@@ -201,4 +201,19 @@ def _free_path(directory: Path, name: str) -> Path:
 
 
 def main() -> None:
-    app()
+    # Usage errors as one line on stderr (exit 2), not a framed box: `ipybox mcp` is started by MCP
+    # clients whose logs show stderr line by line.
+    try:
+        # Without standalone mode, click returns a command's exit code instead of exiting.
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    except Exception as exc:
+        # typer's (vendored) click.UsageError: exit code 2 and a message; not exported by typer.
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        err.print(f"error: {' '.join(exc.format_message().split())}", markup=False, highlight=False)
+        raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
