@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -22,6 +23,9 @@ from ipybox._errors import ExecutionError, IpyboxError
 from ipybox._mcp_session import PathNotAllowedError, Sandbox, SandboxOptions, png_bytes
 
 logger = logging.getLogger("ipybox.mcp")
+
+SHUTDOWN_TIMEOUT = 15.0
+"""Seconds a signalled server waits for the sandbox's removal before it exits anyway."""
 
 INSTRUCTIONS = """\
 ipybox runs Python in a sandboxed, stateful IPython kernel inside a Docker container.
@@ -131,15 +135,27 @@ async def serve(options: SandboxOptions, build_if_missing: bool = True) -> None:
 
     sandbox = Sandbox(options, build=build if build_if_missing else None)
     server = create_server(sandbox)
-    main = asyncio.current_task()
     loop = asyncio.get_running_loop()
+    shutdown: list[asyncio.Task[None]] = []
+
+    async def remove_and_exit() -> None:
+        logger.info("signal received; removing the sandbox")
+        try:
+            await asyncio.wait_for(sandbox.close(), SHUTDOWN_TIMEOUT)
+        finally:
+            # The SDK reads stdin on a worker thread that cannot be cancelled, so an orderly return
+            # from run_stdio_async could wait forever for input: leave once the sandbox is gone.
+            os._exit(0)
+
+    def on_signal() -> None:
+        if not shutdown:
+            shutdown.append(loop.create_task(remove_and_exit()))
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: main.cancel() if main else None)
+        loop.add_signal_handler(signum, on_signal)
     sandbox.start()
     try:
-        await server.run_stdio_async()
-    except asyncio.CancelledError:
-        logger.info("signal received; removing the sandbox")
+        await server.run_stdio_async()  # returns when the client closes stdin
     finally:
         await asyncio.shield(sandbox.close())
         for signum in (signal.SIGTERM, signal.SIGINT):
