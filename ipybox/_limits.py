@@ -8,7 +8,7 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
-def parse_memory(value: int | str | None) -> int | None:
+def parse_memory(value: int | str | None, name: str = "memory_limit") -> int | None:
     """Bytes from an int or a string like "512m", "4g", "1.5GiB"; None stays None (no limit).
 
     Raises:
@@ -21,8 +21,8 @@ def parse_memory(value: int | str | None) -> int | None:
     else:
         match = _MEMORY.match(value)
         if not match:
-            raise ValueError(f"memory_limit {value!r} is not a size; use bytes or a string like '512m' or '4g'")
+            raise ValueError(f"{name} {value!r} is not a size; use bytes or a string like '512m' or '4g'")
         size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if size < 6 * 1024**2:
-        raise ValueError(f"memory_limit {value!r} is below Docker's minimum of 6 MiB")
+        raise ValueError(f"{name} {value!r} is below the minimum of 6 MiB")
     return size

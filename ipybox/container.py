@@ -81,6 +81,8 @@ class ExecutionContainer:
         startup_timeout: Seconds to wait for the container's servers to become ready.
         network: Docker network to create the container on (default: Docker's default bridge). On a
             user-defined network, other containers' names resolve through Docker's embedded DNS.
+        open_files_limit: Maximum number of open files per process in the container.
+        tmp_size: Size cap of the container's `/tmp` (a tmpfs; its contents count as memory).
 
     Raises:
         ValueError: A container path in `binds` is absolute or contains "..", or a limit is invalid.
@@ -111,6 +113,8 @@ class ExecutionContainer:
         labels: dict[str, str] | None = None,
         startup_timeout: float = 30,
         network: str | None = None,
+        open_files_limit: int = 4096,
+        tmp_size: int | str = "1g",
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -128,6 +132,12 @@ class ExecutionContainer:
             raise ValueError(f"pids_limit must be positive, got {pids_limit}")
         self._cpu_limit = cpu_limit
         self._pids_limit = pids_limit
+        if open_files_limit < 64:
+            raise ValueError(f"open_files_limit must be at least 64, got {open_files_limit}")
+        self._open_files_limit = open_files_limit
+        tmp_bytes = parse_memory(tmp_size, "tmp_size")
+        assert tmp_bytes is not None
+        self._tmp_size = tmp_bytes
         for container_path in self.binds.values():
             _container_bind_path(container_path)  # fail early; run() checks again
 
@@ -324,9 +334,15 @@ class ExecutionContainer:
             },
             # An init process reaps orphans that kernel code leaves behind.
             "Init": True,
-            # No raw sockets: sandbox code cannot craft packets around the firewall (NET_ADMIN is
-            # never granted; the firewall helper holds it, not the sandbox).
-            "CapDrop": ["NET_RAW"],
+            # No capabilities at all, for root images too: no raw sockets around the firewall, no
+            # chown/setuid games; and no privilege gain through setuid binaries (none are left in
+            # the image either). The firewall helper holds NET_ADMIN, never the sandbox.
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges:true"],
+            "Ulimits": [{"Name": "nofile", "Soft": self._open_files_limit, "Hard": self._open_files_limit}],
+            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,mode=1777,size={self._tmp_size}"},
+            # Bounded logs: kernel output that reaches the container's stdout cannot fill the disk.
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
         }
         if self.network is not None:
             host_config["NetworkMode"] = self.network

@@ -44,6 +44,17 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def prefer_as_oom_victim() -> None:
+    """Run in a kernel process before it starts (Popen's preexec_fn): if the container runs out of
+    memory, the kernel is killed, not the server process that the host talks to. Raising one's own
+    oom_score_adj needs no privilege (lowering the server's would)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as file:
+            file.write("1000")
+    except OSError:
+        pass
+
+
 def start_spare(cwd: str) -> None:
     """Write a connection file and spawn the kernel on it (cheap: no imports in this process)."""
     global _spare
@@ -72,6 +83,7 @@ def start_spare(cwd: str) -> None:
         # kernel and not the launcher.
         env={**os.environ, "JPY_PARENT_PID": str(os.getpid())},
         start_new_session=True,
+        preexec_fn=prefer_as_oom_victim,
     )
     _spare = _Spare(process, info)
 
@@ -122,7 +134,7 @@ def _make_provisioner_class() -> type:
         async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
             spare, self._adopted = self._adopted, None
             if spare is None:
-                return await super().launch_kernel(cmd, **kwargs)
+                return await super().launch_kernel(cmd, **kwargs, preexec_fn=prefer_as_oom_victim)
             self.process = spare.process
             self.pid = spare.process.pid
             self.pgid = os.getpgid(spare.process.pid)
