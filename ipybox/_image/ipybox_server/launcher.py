@@ -1,16 +1,22 @@
 """Starts the Kernel Gateway (8888) and the resource server (8900) in one process.
 
 Both share tornado's asyncio loop. Once both sockets listen, a ready line goes to stdout so the host
-can stop waiting without polling.
+can stop waiting without polling. Both refuse requests from foreign hosts and origins (`origin`) before
+they look at the token.
 """
 
 import asyncio
+import json
+import os
 import sys
+from typing import Any
 
 from aiohttp import web
+from tornado import httputil
+from tornado import web as tornado_web
 from traitlets.config import Config
 
-from ipybox_server import prewarm, resource
+from ipybox_server import origin, prewarm, resource
 
 EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900
@@ -35,8 +41,40 @@ def gateway_config(token: str) -> Config:
     return config
 
 
-async def start_resource_server(token: str) -> None:
-    runner = web.AppRunner(resource.create_app(token), access_log=None)
+class ForbiddenHandler(tornado_web.RequestHandler):
+    """Answers 403 to a request that `origin.refusal` turned away, whatever its path and method."""
+
+    def initialize(self, reason: str) -> None:
+        self.reason = reason
+
+    def prepare(self) -> None:
+        # Same body shape as the gateway's own errors (kernel_gateway.mixins.JSONErrorsMixin).
+        self.set_status(403)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"reason": "Forbidden", "message": self.reason}))
+
+
+def guard_gateway(web_app: tornado_web.Application, allowed_hosts: frozenset[str]) -> None:
+    """Route every request with a foreign Host or Origin to `ForbiddenHandler`.
+
+    tornado routes each request through `Application.find_handler` once its headers are in, before any
+    handler exists; wrapping it covers every route, the websocket upgrade, unknown paths and OPTIONS
+    preflights alike, and runs before the gateway's token check (in the handlers' `prepare`).
+    """
+    find_handler = web_app.find_handler
+
+    def guarded_find_handler(request: httputil.HTTPServerRequest, **kwargs: Any) -> httputil.HTTPMessageDelegate:
+        # HTTPHeaders.get joins repeated headers with commas, which `refusal` treats as malformed.
+        reason = origin.refusal(request.headers.get("Host"), request.headers.get("Origin"), allowed_hosts)
+        if reason is not None:
+            return web_app.get_handler_delegate(request, ForbiddenHandler, {"reason": reason})
+        return find_handler(request, **kwargs)
+
+    web_app.find_handler = guarded_find_handler  # type: ignore[method-assign]
+
+
+async def start_resource_server(token: str, allowed_hosts: frozenset[str]) -> None:
+    runner = web.AppRunner(resource.create_app(token, allowed_hosts), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", RESOURCE_PORT).start()
     print(READY_LINE, flush=True)
@@ -45,10 +83,16 @@ async def start_resource_server(token: str) -> None:
 def main(token: str) -> None:
     from kernel_gateway.gatewayapp import KernelGatewayApp
 
+    try:
+        allowed_hosts = origin.allowed_hosts(os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"ipybox_server: {exc}") from exc
+
     prewarm.register_provisioner()
 
     app = KernelGatewayApp.instance(config=gateway_config(token))
     app.initialize(argv=[])
+    guard_gateway(app.web_app, allowed_hosts)
 
     def on_resource_started(task: "asyncio.Task[None]") -> None:
         if task.exception() is not None:
@@ -58,7 +102,7 @@ def main(token: str) -> None:
     def schedule() -> None:
         # Runs once the loop is up; by then the gateway's socket is bound (start() binds first).
         app.kernel_manager.prestart()
-        task = asyncio.ensure_future(start_resource_server(token))
+        task = asyncio.ensure_future(start_resource_server(token, allowed_hosts))
         task.add_done_callback(on_resource_started)
 
     app.io_loop.add_callback(schedule)
