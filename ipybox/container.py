@@ -83,6 +83,9 @@ class ExecutionContainer:
             user-defined network, other containers' names resolve through Docker's embedded DNS.
         open_files_limit: Maximum number of open files per process in the container.
         tmp_size: Size cap of the container's `/tmp` (a tmpfs; its contents count as memory).
+        allowed_hosts: Host names (besides localhost and IP addresses) that clients may use in the
+            `Host` header to reach the servers, e.g. a name for remote use with `host="0.0.0.0"`.
+            Other names are refused (a DNS-rebinding defence).
 
     Raises:
         ValueError: A container path in `binds` is absolute or contains "..", or a limit is invalid.
@@ -115,6 +118,7 @@ class ExecutionContainer:
         network: str | None = None,
         open_files_limit: int = 4096,
         tmp_size: int | str = "1g",
+        allowed_hosts: list[str] | None = None,
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -124,6 +128,10 @@ class ExecutionContainer:
         self.labels = labels or {}
         self.startup_timeout = startup_timeout
         self.network = network
+        self.allowed_hosts = list(allowed_hosts or [])
+        for name in self.allowed_hosts:
+            if not name or "," in name or any(c.isspace() for c in name):
+                raise ValueError(f"allowed_hosts entry {name!r} is not a host name")
 
         self._memory_limit = parse_memory(memory_limit)
         if cpu_limit is not None and cpu_limit <= 0:
@@ -355,7 +363,8 @@ class ExecutionContainer:
             host_config["PidsLimit"] = self._pids_limit
         return {
             "Image": self.tag,
-            "Env": [f"{key}={value}" for key, value in self.env.items()],
+            "Env": [f"{key}={value}" for key, value in self.env.items()]
+            + ([f"IPYBOX_ALLOWED_HOSTS={','.join(self.allowed_hosts)}"] if self.allowed_hosts else []),
             "ExposedPorts": {f"{EXECUTOR_PORT}/tcp": {}, f"{RESOURCE_PORT}/tcp": {}},
             "Labels": {**self.labels, CONTAINER_LABEL: "true", VERSION_LABEL: __version__},
             "HostConfig": host_config,

@@ -338,3 +338,16 @@ async def test_escape_sequences_are_stripped_from_text(client: ExecutionClient) 
     result = await client.execute(f"print({ESCAPES!r})", timeout=30)
     assert result.text is not None
     assert "\x1b" not in result.text and "\x07" not in result.text
+
+
+async def test_allowed_hosts_option_admits_a_name(make_container) -> None:  # type: ignore[no-untyped-def]
+    from ipybox import _tokens
+
+    container = await make_container(allowed_hosts=["build-box"])
+    token = _tokens.lookup("localhost", container.resource_port)
+    async with aiohttp.ClientSession(headers={"Authorization": f"token {token}"}) as session:
+        url = f"http://127.0.0.1:{container.resource_port}/status"
+        async with session.get(url, headers={"Host": f"build-box:{container.resource_port}"}) as response:
+            assert response.status == 200
+        async with session.get(url, headers={"Host": "other-box"}) as response:
+            assert response.status == 403
