@@ -126,7 +126,11 @@ class ResourceError(IpyboxError):
 
 
 class ExecutionTimeoutError(IpyboxError, TimeoutError):
-    """An execution did not finish within its timeout; the kernel was interrupted."""
+    """An execution did not finish within its timeout.
+
+    The kernel was interrupted and keeps its state, or, when the code ignored the interrupt, restarted
+    and its state lost; the message says which.
+    """
 
 
 class RemoteFileNotFoundError(ResourceError, FileNotFoundError):

@@ -330,10 +330,6 @@ async def test_escape_sequences_do_not_disturb_the_protocol(client: ExecutionCli
     assert result.images == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stripping terminal escape sequences from text results belongs to ipybox/executor.py (another change)",
-)
 async def test_escape_sequences_are_stripped_from_text(client: ExecutionClient) -> None:
     result = await client.execute(f"print({ESCAPES!r})", timeout=30)
     assert result.text is not None
