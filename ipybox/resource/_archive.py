@@ -18,6 +18,7 @@ MAX_MEMBERS: int = _rules.MAX_MEMBERS
 MAX_BYTES: int = _rules.MAX_BYTES
 TEMP_SUFFIX: str = _rules.TEMP_SUFFIX
 iter_tar = _rules.iter_tar
+AsyncStreamFile = _rules.AsyncStreamFile
 
 
 def extract_tar(

@@ -8,7 +8,6 @@ next to the target and replaces it only when complete; a directory download is s
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import secrets
 import tarfile
@@ -179,7 +178,7 @@ async def download_directory(session: aiohttp.ClientSession, relpath: str, local
             _url("directories", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE
         ) as response:
             await raise_for_response(response, action)
-            reader = _ContentReader(response.content, asyncio.get_running_loop())
+            reader = _archive.AsyncStreamFile(response.content, asyncio.get_running_loop())
             try:
                 await _in_thread_reading(
                     reader, lambda: _archive.extract_tar(cast(IO[bytes], reader), local_path, drop_special=True)
@@ -188,39 +187,7 @@ async def download_directory(session: aiohttp.ClientSession, relpath: str, local
                 raise ArchiveError(f"{action}: the sandbox sent a broken archive: {exc}") from exc
 
 
-class _ContentReader(io.RawIOBase):
-    """A blocking file object over a response body, for tarfile in a worker thread."""
-
-    def __init__(self, content: aiohttp.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
-        self.content = content
-        self._loop = loop
-
-    def readable(self) -> bool:
-        return True
-
-    async def _read(self, size: int) -> bytes:
-        chunks: list[bytes] = []
-        missing = size
-        while missing > 0:
-            chunk = await self.content.read(missing)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return b"".join(chunks)
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = CHUNK_SIZE
-        return asyncio.run_coroutine_threadsafe(self._read(size), self._loop).result()
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-async def _in_thread_reading(reader: _ContentReader, work: Callable[[], _T]) -> _T:
+async def _in_thread_reading(reader: _archive.AsyncStreamFile, work: Callable[[], _T]) -> _T:
     """Run `work` (which reads `reader`) in a thread; if cancelled, stop its reads and wait for its cleanup."""
     future = asyncio.ensure_future(asyncio.to_thread(work))
     try:

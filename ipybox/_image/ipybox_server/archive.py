@@ -19,7 +19,9 @@ importable on the host, and the host must not trust the sandbox's code anyway.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import io
 import os
 import secrets
 import shutil
@@ -27,7 +29,7 @@ import stat
 import tarfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 CHUNK_SIZE = 1 << 20
 MAX_MEMBERS = 100_000
@@ -330,3 +332,39 @@ def _merge(src_fd: int, dst_fd: int) -> None:
         else:
             # rename() replaces a symlink itself, never what it points to.
             os.replace(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+
+
+# -- reading an asyncio stream from a worker thread --------------------------------------------------
+
+
+class AsyncStreamFile(io.RawIOBase):
+    """A blocking file object over an asyncio stream (aiohttp's StreamReader), for tarfile in a worker
+    thread: each read is run on the event loop and waited for. Both ends of a directory transfer use it."""
+
+    def __init__(self, content: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.content = content
+        self._loop = loop
+
+    def readable(self) -> bool:
+        return True
+
+    async def _read(self, size: int) -> bytes:
+        chunks: list[bytes] = []
+        missing = size
+        while missing > 0:
+            chunk = await self.content.read(missing)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = CHUNK_SIZE
+        return asyncio.run_coroutine_threadsafe(self._read(size), self._loop).result()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)

@@ -28,7 +28,7 @@ import stat
 import tarfile
 from pathlib import Path
 
-from aiohttp import StreamReader, web
+from aiohttp import web
 
 from ipybox_server import archive
 from ipybox_server.paths import bad_request, not_found, resolve
@@ -182,42 +182,10 @@ async def delete_file(request: web.Request) -> web.Response:
 # -- directories -----------------------------------------------------------------------------------
 
 
-class _BodyReader(io.RawIOBase):
-    """A blocking file object over a request body, for tarfile in a worker thread."""
-
-    def __init__(self, content: StreamReader, loop: asyncio.AbstractEventLoop) -> None:
-        self._content = content
-        self._loop = loop
-
-    def readable(self) -> bool:
-        return True
-
-    async def _read(self, size: int) -> bytes:
-        chunks: list[bytes] = []
-        missing = size
-        while missing > 0:
-            chunk = await self._content.read(missing)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return b"".join(chunks)
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = CHUNK_SIZE
-        return asyncio.run_coroutine_threadsafe(self._read(size), self._loop).result()
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
 async def put_directory(request: web.Request) -> web.Response:
     relpath = _relpath(request)
     target = resolve(relpath, allow_root=True)
-    reader = _BodyReader(request.content, asyncio.get_running_loop())
+    reader = archive.AsyncStreamFile(request.content, asyncio.get_running_loop())
     try:
         files, size = await asyncio.to_thread(archive.extract_tar, reader, target)
     except archive.ArchiveTooLargeError as exc:
