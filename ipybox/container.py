@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import io
 import logging
@@ -316,7 +317,15 @@ class ExecutionContainer:
         token = _tokens.new_token()
         config = self._container_config(sandbox_ids)
         with docker_errors("creating the container"):
-            self._container = await self._docker.containers.create(config)
+            creating = asyncio.ensure_future(self._docker.containers.create(config))
+            try:
+                self._container = await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                # The engine creates the container even if we stop listening: wait for its id so
+                # that kill() (run()'s clean-up) can remove it, then let the cancellation through.
+                with contextlib.suppress(Exception):
+                    self._container = await creating
+                raise
         container_id = self._container.id
         with docker_errors("placing the secret", container_id):
             await self._container.put_archive(str(PurePosixPath(TOKEN_PATH).parent), _token_tar(token, sandbox_ids))
