@@ -1,10 +1,24 @@
 """Reads the per-container secret that the host placed in the container before start."""
 
+import ctypes
 import os
 from pathlib import Path
 
 TOKEN_PATH = Path("/run/ipybox/token")
 TOKEN_ENV = "IPYBOX_TOKEN"
+
+
+PR_SET_DUMPABLE = 4
+
+
+def protect_process() -> None:
+    """Make this process non-dumpable: its /proc memory, environment and maps become root-only and
+    ptrace needs CAP_SYS_PTRACE, which nothing in the container has. Kernels run as the same user,
+    so without this they could read the secret out of the server's memory. Children are unaffected
+    (the flag resets on exec)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise SystemExit(f"ipybox_server: prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
 
 
 def take_token() -> str:
