@@ -551,8 +551,13 @@ class ExecutionClient:
             KernelDiedError: The kernel died and could not be restarted, or did not come back.
         """
         limit = self.max_output_bytes if isinstance(max_output_bytes, _Unset) else _check_limit(max_output_bytes)
-        if self._ws is None or self._reader is None or self._reader.done():
+        if self._ws is None or self._reader is None:
             raise InvalidStateError("ExecutionClient is not connected: call connect() first")
+        if self._reader.done():
+            # Connected, but the connection was lost (the server went away): an environment failure.
+            raise ServerConnectionError(
+                f"the connection to kernel {self._kernel_id} was lost; connect a new client to go on"
+            )
         if self._kernel_dead:
             raise KernelDiedError(f"kernel {self._kernel_id} died and could not be restarted", self._kernel_id)
         if self._kernel_restarted:
