@@ -87,6 +87,8 @@ class ExecutionContainer:
         allowed_hosts: Host names (besides localhost and IP addresses) that clients may use in the
             `Host` header to reach the servers, e.g. a name for remote use with `host="0.0.0.0"`.
             Other names are refused (a DNS-rebinding defence).
+        max_kernels: Most kernels (one per ExecutionClient) the container runs at once; more are
+            refused with HTTP 403.
 
     Raises:
         ValueError: A container path in `binds` is absolute or contains "..", or a limit is invalid.
@@ -120,6 +122,7 @@ class ExecutionContainer:
         open_files_limit: int = 4096,
         tmp_size: int | str = "1g",
         allowed_hosts: list[str] | None = None,
+        max_kernels: int = 16,
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -130,6 +133,9 @@ class ExecutionContainer:
         self.startup_timeout = startup_timeout
         self.network = network
         self.allowed_hosts = list(allowed_hosts or [])
+        if max_kernels < 1:
+            raise ValueError(f"max_kernels must be at least 1, got {max_kernels}")
+        self.max_kernels = max_kernels
         for name in self.allowed_hosts:
             if not name or "," in name or any(c.isspace() for c in name):
                 raise ValueError(f"allowed_hosts entry {name!r} is not a host name")
@@ -373,6 +379,7 @@ class ExecutionContainer:
         return {
             "Image": self.tag,
             "Env": [f"{key}={value}" for key, value in self.env.items()]
+            + [f"IPYBOX_MAX_KERNELS={self.max_kernels}"]
             + ([f"IPYBOX_ALLOWED_HOSTS={','.join(self.allowed_hosts)}"] if self.allowed_hosts else []),
             "ExposedPorts": {f"{EXECUTOR_PORT}/tcp": {}, f"{RESOURCE_PORT}/tcp": {}},
             "Labels": {**self.labels, CONTAINER_LABEL: "true", VERSION_LABEL: __version__},

@@ -634,6 +634,11 @@ class ExecutionClient:
                 await asyncio.sleep(retry_interval)
             try:
                 async with self._session.post("/api/kernels", json={"name": "python3"}) as response:
+                    if response.status == 403 and "Resource Limit" in await response.text():
+                        raise ServerConnectionError(
+                            f"creating a kernel at {self._base_url} was refused: the container runs its maximum "
+                            "number of kernels (ExecutionContainer max_kernels); disconnect another client first"
+                        )
                     if response.status in (401, 403):
                         raise _status_error(response.status, "creating a kernel", self._base_url)
                     if response.status >= 400:

@@ -59,3 +59,16 @@ async def test_secret_is_nowhere_a_kernel_can_read(shared_container: ExecutionCo
     async with ExecutionClient(port=shared_container.executor_port) as client:
         result = await client.execute(search)
     assert result.text == "[]"
+
+
+async def test_kernels_are_capped(make_container) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from ipybox import AuthenticationError, ServerConnectionError
+
+    container = await make_container(max_kernels=2)
+    async with ExecutionClient(port=container.executor_port) as one, ExecutionClient(port=container.executor_port):
+        assert (await one.execute("print(1)")).text == "1"
+        with pytest.raises(ServerConnectionError, match="max_kernels") as info:
+            await ExecutionClient(port=container.executor_port).connect(retries=1)
+        assert not isinstance(info.value, AuthenticationError)

@@ -28,6 +28,8 @@ def gateway_config(token: str) -> Config:
     config.KernelGatewayApp.ip = "0.0.0.0"
     config.KernelGatewayApp.port = EXECUTOR_PORT
     config.KernelGatewayApp.port_retries = 0
+    # A cap on kernels (the gateway answers 403 past it): set by the host from ExecutionContainer.
+    config.KernelGatewayApp.max_kernels = int(os.environ.get("IPYBOX_MAX_KERNELS", "16"))
     config.KernelGatewayApp.auth_token = token
     # The gateway's default IOPub rate limits drop output (10 MB printed in one cell arrives as a
     # warning and nothing else); ipybox promises that no output is dropped silently.
