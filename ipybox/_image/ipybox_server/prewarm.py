@@ -9,6 +9,7 @@ the ordinary way.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ from importlib.metadata import EntryPoint
 from typing import Any
 
 PROVISIONER_NAME = "ipybox-prewarmed"
+PR_SET_DUMPABLE = 4
 CONNECTION_FILE = "/run/ipybox/spare-kernel.json"
 
 
@@ -48,6 +50,9 @@ def prefer_as_oom_victim() -> None:
     """Run in a kernel process before it starts (Popen's preexec_fn): if the container runs out of
     memory, the kernel is killed, not the server process that the host talks to. Raising one's own
     oom_score_adj needs no privilege (lowering the server's would)."""
+    # Forked from the non-dumpable server, this child's /proc files belong to root until exec;
+    # becoming dumpable (always allowed) gives them back to it, so it can write its oom_score_adj.
+    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         with open("/proc/self/oom_score_adj", "w") as file:
             file.write("1000")
