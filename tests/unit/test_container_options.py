@@ -65,7 +65,7 @@ def test_constructor_does_no_io_and_config_publishes_on_loopback() -> None:
     bindings = config["HostConfig"]["PortBindings"]
     assert {b[0]["HostIp"] for b in bindings.values()} == {"127.0.0.1"}
     assert {b[0]["HostPort"] for b in bindings.values()} == {""}
-    assert config["Env"] == ["A=1"]
+    assert config["Env"] == ["A=1", "IPYBOX_MAX_KERNELS=16"]
     assert config["Labels"]["team"] == "x"
     assert config["Labels"]["ai.gradion.ipybox.container"] == "true"
     assert config["HostConfig"]["Memory"] == config["HostConfig"]["MemorySwap"] == 4 * 2**30
