@@ -19,6 +19,7 @@ MAX_BYTES: int = _rules.MAX_BYTES
 TEMP_SUFFIX: str = _rules.TEMP_SUFFIX
 iter_tar = _rules.iter_tar
 AsyncStreamFile = _rules.AsyncStreamFile
+write_stream = _rules.write_stream
 
 
 def extract_tar(

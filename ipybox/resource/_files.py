@@ -80,13 +80,6 @@ async def _read_chunks(file: IO[bytes], size: int, local_path: Path) -> AsyncIte
             await asyncio.wait([reading])
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
-
-
 def _open_temp(local_path: Path) -> tuple[int, Path]:
     if local_path.is_dir():
         raise IsADirectoryError(f"{local_path} is a directory")
@@ -102,30 +95,10 @@ async def download_file(session: aiohttp.ClientSession, relpath: str, local_path
         async with session.get(_url("files", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE) as response:
             await raise_for_response(response, action)
             fd, temp = await asyncio.to_thread(_open_temp, local_path)
-            writing: asyncio.Future[None] | None = None
             try:
-                batch: list[bytes] = []
-                batch_size = 0
-                # One write in flight while the next batch arrives: network and disk overlap.
-                while True:
-                    chunk = await response.content.readany()
-                    if chunk:
-                        batch.append(chunk)
-                        batch_size += len(chunk)
-                    if batch_size >= CHUNK_SIZE or (not chunk and batch):
-                        if writing is not None:
-                            await writing
-                        writing = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, batch))
-                        batch, batch_size = [], 0
-                    if not chunk:
-                        break
-                if writing is not None:
-                    await writing
-                    writing = None
+                await _archive.write_stream(response.content, fd)
                 await asyncio.to_thread(os.replace, temp, local_path)
             except BaseException:
-                if writing is not None:
-                    await asyncio.wait([writing])  # the thread uses the fd until it returns
                 temp.unlink(missing_ok=True)
                 raise
             finally:

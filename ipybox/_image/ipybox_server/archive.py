@@ -368,3 +368,41 @@ class AsyncStreamFile(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+def write_all(fd: int, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+async def write_stream(content: Any, fd: int) -> int:
+    """Copy an asyncio stream (aiohttp's StreamReader) to `fd` in about CHUNK_SIZE batches; return
+    the byte count. One write runs in a worker thread while the next batch arrives, so network and disk
+    overlap. Whenever this returns or raises, no write is in flight: the caller may close `fd`."""
+    size = 0
+    writing: asyncio.Future[None] | None = None
+    try:
+        batch: list[bytes] = []
+        batch_size = 0
+        while True:
+            chunk = await content.readany()
+            if chunk:
+                batch.append(chunk)
+                batch_size += len(chunk)
+            if batch_size >= CHUNK_SIZE or (not chunk and batch):
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(write_all, fd, batch))
+                size += batch_size
+                batch, batch_size = [], 0
+            if not chunk:
+                break
+        if writing is not None:
+            await writing
+        return size
+    except BaseException:
+        if writing is not None:
+            await asyncio.wait([writing])  # the thread uses the fd until it returns
+        raise

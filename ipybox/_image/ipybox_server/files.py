@@ -69,44 +69,14 @@ def _open_temp(target: Path, relpath: str) -> tuple[int, Path]:
     return fd, temp
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
-
-
 async def put_file(request: web.Request) -> web.Response:
     relpath = _relpath(request)
     target = resolve(relpath)
     fd, temp = await asyncio.to_thread(_open_temp, target, relpath)
-    size = 0
-    writing: asyncio.Future[None] | None = None
     try:
-        batch: list[bytes] = []
-        batch_size = 0
-        # One write in flight while the next batch arrives: network and disk overlap.
-        while True:
-            chunk = await request.content.readany()
-            if chunk:
-                batch.append(chunk)
-                batch_size += len(chunk)
-            if batch_size >= CHUNK_SIZE or (not chunk and batch):
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, batch))
-                size += batch_size
-                batch, batch_size = [], 0
-            if not chunk:
-                break
-        if writing is not None:
-            await writing
-            writing = None
+        size = await archive.write_stream(request.content, fd)
         await asyncio.to_thread(os.replace, temp, target)
     except BaseException:
-        if writing is not None:
-            # The thread keeps the fd; let it finish before the fd is closed and the file removed.
-            await asyncio.wait([writing])
         _discard(temp)
         raise
     finally:
