@@ -25,6 +25,7 @@ from ipybox._errors import (
 from ipybox._version import __version__
 from ipybox.container import DEFAULT_TAG, ExecutionContainer
 from ipybox.executor import Execution, ExecutionClient, ExecutionResult
+from ipybox.pool import Sandbox, SandboxPool
 from ipybox.resource.client import ResourceClient
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "RemotePathError",
     "ResourceClient",
     "ResourceError",
+    "Sandbox",
+    "SandboxPool",
     "ServerConnectionError",
     "__version__",
 ]

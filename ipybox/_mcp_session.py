@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from ipybox._errors import ImageNotFoundError
 from ipybox.container import ExecutionContainer
 from ipybox.executor import ExecutionClient, ExecutionResult
+from ipybox.pool import Sandbox as PooledSandbox
+from ipybox.pool import SandboxPool
 from ipybox.resource.client import ResourceClient
 
 logger = logging.getLogger("ipybox.mcp")
@@ -38,6 +41,8 @@ class SandboxOptions:
     cpu_limit: float | None = None
     pids_limit: int | None = 1024
     max_output_chars: int = 20_000
+    pool: int = 0
+    """Spare sandboxes kept ready (SandboxPool), so `reset(new_sandbox=True)` switches at once."""
 
 
 class PathNotAllowedError(PermissionError):
@@ -53,7 +58,8 @@ class Sandbox:
     def __init__(self, options: SandboxOptions, build: Callable[[str], None] | None = None) -> None:
         self.options = options
         self._build = build
-        self._container: ExecutionContainer | None = None
+        self._current: PooledSandbox | None = None
+        self._pool: SandboxPool | None = None
         self._client: ExecutionClient | None = None
         self._resources: ResourceClient | None = None
         self._started: asyncio.Task[None] | None = None
@@ -68,25 +74,59 @@ class Sandbox:
         options = self.options
         if self._build is not None:
             await asyncio.to_thread(self._build, options.tag)
-        container = ExecutionContainer(
-            tag=options.tag,
-            binds=options.binds,
-            env=options.env,
-            show_pull_progress=True,
-            memory_limit=options.memory_limit,
-            cpu_limit=options.cpu_limit,
-            pids_limit=options.pids_limit,
-            labels=options.labels,
-        )
-        self._container = container
-        await container.run()
-        if options.allowed_domains is not None:
-            await container.init_firewall(options.allowed_domains)
-        self._client = ExecutionClient(port=container.executor_port)
-        await self._client.connect()
-        self._resources = ResourceClient(port=container.resource_port)
-        await self._resources.connect()
-        logger.info("sandbox %s ready", (container.container_id or "")[:12])
+        if options.pool:
+            self._pool = SandboxPool(options.pool, firewall=options.allowed_domains, **self._container_options())
+            await self._pool.start()
+        await self._switch_to(await self._new_sandbox())
+
+    def _container_options(self) -> dict[str, Any]:
+        options = self.options
+        return {
+            "tag": options.tag,
+            "binds": options.binds,
+            "env": options.env,
+            "show_pull_progress": True,
+            "memory_limit": options.memory_limit,
+            "cpu_limit": options.cpu_limit,
+            "pids_limit": options.pids_limit,
+            "labels": options.labels,
+        }
+
+    async def _new_sandbox(self) -> PooledSandbox:
+        """A ready sandbox: from the pool when there is one, else a container started now."""
+        if self._pool is not None:
+            return await self._pool.acquire()
+        container = ExecutionContainer(**self._container_options())
+        client: ExecutionClient | None = None
+        try:
+            await container.run()
+            if self.options.allowed_domains is not None:
+                await container.init_firewall(self.options.allowed_domains)
+            client = ExecutionClient(port=container.executor_port)
+            await client.connect()
+        except BaseException:
+            if client is not None:
+                await client.disconnect()
+            await container.kill()
+            raise
+        return PooledSandbox(container, client)
+
+    async def _switch_to(self, sandbox: PooledSandbox) -> None:
+        """Make `sandbox` the one tool calls use; the previous one is removed."""
+        resources = ResourceClient(port=sandbox.container.resource_port)
+        try:
+            await resources.connect()
+        except BaseException:
+            await sandbox.close()
+            raise
+        previous, previous_resources = self._current, self._resources
+        self._current, self._client, self._resources = sandbox, sandbox.client, resources
+        logger.info("sandbox %s ready", (sandbox.container.container_id or "")[:12])
+        if previous_resources is not None:
+            with contextlib.suppress(Exception):
+                await previous_resources.disconnect()
+        if previous is not None:
+            await previous.close()
 
     async def ready(self) -> tuple[ExecutionClient, ResourceClient]:
         """Wait for the start; re-raise its failure (with its cause) on every call."""
@@ -111,8 +151,12 @@ class Sandbox:
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer.disconnect()
-        if self._container is not None:
-            await self._container.kill()
+        try:
+            if self._current is not None:
+                await self._current.close()
+        finally:
+            if self._pool is not None:
+                await self._pool.close()
 
     # -- tools ------------------------------------------------------------------------------------
 
@@ -126,9 +170,12 @@ class Sandbox:
             result.text = truncate_middle(result.text, limit, saved)
         return result
 
-    async def reset(self) -> None:
+    async def reset(self, new_sandbox: bool = False) -> None:
         client, _ = await self.ready()
         async with self._kernel_lock:
+            if new_sandbox:
+                await self._switch_to(await self._new_sandbox())
+                return
             fresh = ExecutionClient(port=client.port, host=client.host)
             await fresh.connect()
             self._client = fresh

@@ -86,16 +86,20 @@ def create_server(sandbox: Sandbox) -> MCPServer:
 
     @server.tool(
         description="Restart the kernel: variables, imports and definitions are gone; files in /app and "
-        "installed packages stay. Waits for a running cell to finish."
+        "installed packages stay. With new_sandbox=true, the whole sandbox is replaced by a fresh one instead "
+        "(files, installed packages and state are all gone). Waits for a running cell to finish."
     )
-    async def reset() -> CallToolResult:
+    async def reset(new_sandbox: bool = False) -> CallToolResult:
         try:
-            await sandbox.reset()
+            await sandbox.reset(new_sandbox)
         except (IpyboxError, RuntimeError) as exc:
             return _error(str(exc))
-        return CallToolResult(
-            content=[TextContent(type="text", text="kernel reset: variables and imports are gone; files stay")]
+        text = (
+            "new sandbox: files, packages, variables and imports are gone"
+            if new_sandbox
+            else "kernel reset: variables and imports are gone; files stay"
         )
+        return CallToolResult(content=[TextContent(type="text", text=text)])
 
     return server
 

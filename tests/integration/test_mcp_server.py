@@ -228,6 +228,31 @@ async def test_reset_gives_a_fresh_kernel_and_keeps_files(shared: Shared) -> Non
     assert text.split() == ["variable", "gone", "still", "here"]
 
 
+@pytest.mark.parametrize("pool", [0, 1], ids=["no pool", "pool of 1"])
+async def test_reset_new_sandbox_replaces_the_container(image: str, tmp_path: Path, pool: int) -> None:
+    server = McpServer(image, "--pool", str(pool), "--container-env-var", "KEPT=yes", cwd=tmp_path)
+    try:
+        async with server:
+            await server.output("doomed = 1\nopen('/app/gone.txt', 'w').write('x')")
+            # With a pool, one spare is kept started beside the sandbox in use.
+            assert len(await case_containers(server.case)) == 1 + pool
+            first = {c["Id"] for c in await case_containers(server.case)}
+            result = await server.call("reset", new_sandbox=True)
+            assert not result.is_error, text_of(result)
+            assert "new sandbox" in text_of(result)
+            text = await server.output(
+                "import os\nprint('doomed' in globals(), os.path.exists('/app/gone.txt'), os.environ['KEPT'])"
+            )
+            assert text.split() == ["False", "False", "yes"]
+            now = {c["Id"] for c in await case_containers(server.case)}
+            assert len(now) == 1 + pool
+            if pool:
+                assert len(now & first) == 1  # the former spare is in use; the used one is removed
+        await wait_containers_gone(server.case, timeout=15)
+    finally:
+        await force_remove(server.case)
+
+
 # -- container options --------------------------------------------------------------------------------
 
 
@@ -447,6 +472,7 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
         "--cpu-limit",
         "--pids-limit",
         "--max-output-chars",
+        "--pool",
     ):
         assert option in done.stdout, option
 
@@ -464,6 +490,7 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
         ["--memory-limit", "lots"],
         ["--cpu-limit", "0"],
         ["--pids-limit", "0"],
+        ["--pool", "-1"],
     ],
     ids=lambda args: " ".join(args),
 )

@@ -1,0 +1,336 @@
+"""SandboxPool: sandboxes started ahead of time, handed out in milliseconds, each used once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+from ipybox._errors import InvalidStateError, IpyboxError
+from ipybox.container import ExecutionContainer
+from ipybox.executor import ExecutionClient
+
+logger = logging.getLogger(__name__)
+
+_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Seconds the pool waits before starting again after consecutive failed starts."""
+
+
+class Sandbox:
+    """One sandbox: a running `ExecutionContainer` and an `ExecutionClient` connected to its kernel.
+
+    Handed out by `SandboxPool`; the kernel has answered once already, so the first `execute` runs at
+    once. Closing it (or leaving `async with`) disconnects the client and removes the container:
+    a sandbox is never given to anyone else.
+
+    Attributes:
+        container: The running container (ports, `init_firewall`, `container_id`).
+        client: The connected execution client (`execute`, `submit`).
+    """
+
+    def __init__(self, container: ExecutionContainer, client: ExecutionClient) -> None:
+        self.container = container
+        self.client = client
+        self._closed = False
+        self._on_close: list[Any] = []
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called."""
+        return self._closed
+
+    def healthy(self) -> bool:
+        """False when the client's connection to the kernel is gone (e.g. the container died)."""
+        return not self._closed and _connected(self.client)
+
+    async def close(self) -> None:
+        """Disconnect the client and remove the container. Safe to call repeatedly."""
+        if self._closed:
+            return
+        self._closed = True
+        for callback in self._on_close:
+            callback(self)
+        try:
+            await self.client.disconnect()
+        finally:
+            await self.container.kill()
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class SandboxPool:
+    """Keeps `size` sandboxes started and ready, and hands each one out exactly once.
+
+    A sandbox in the pool is a running container whose kernel has already answered a (silent, empty)
+    request, with a connected `ExecutionClient`: acquiring one costs a queue hand-off, not a container
+    start. The pool starts a replacement in the background for every sandbox it hands out. Handed-out
+    sandboxes are never returned or reused: the caller closes them (which removes the container), and
+    the pool removes any that are still open when it shuts down.
+
+    Args:
+        size: How many ready sandboxes to keep (at least 1).
+        firewall: None (default) for no firewall; otherwise a list of allowed domains, IP addresses
+            or CIDR ranges that `ExecutionContainer.init_firewall` applies before a sandbox is
+            handed out (an empty list allows only the essential services).
+        max_starting: How many containers the pool starts at the same time.
+        **container_options: Options for every `ExecutionContainer` (tag, binds, env, limits,
+            labels, network, ...), as `ExecutionContainer` accepts them. Fixed `executor_port` and
+            `resource_port` are refused: the pool's containers would collide on them.
+
+    Raises:
+        ValueError: `size` or `max_starting` is below 1, a fixed port was given, or an option is
+            invalid (checked at once, before any container starts).
+        TypeError: An option is not one of `ExecutionContainer`'s.
+
+    Example:
+        ```python
+        async with SandboxPool(size=4, memory_limit="1g") as pool:
+            async with pool.sandbox() as sandbox:
+                result = await sandbox.client.execute("print(1 + 1)")
+        ```
+    """
+
+    def __init__(
+        self,
+        size: int = 1,
+        *,
+        firewall: list[str] | None = None,
+        max_starting: int = 2,
+        **container_options: Any,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}")
+        if max_starting < 1:
+            raise ValueError(f"max_starting must be at least 1, got {max_starting}")
+        for name in ("executor_port", "resource_port"):
+            if container_options.get(name) is not None:
+                raise ValueError(
+                    f"{name}={container_options[name]} cannot be used with a pool: its containers would all "
+                    f"need the same host port; leave {name} unset (a free port is chosen for each)"
+                )
+        # Fail on bad options now, not in a background start (the constructor does no I/O).
+        ExecutionContainer(**container_options)
+        if firewall is not None:
+            from ipybox._firewall import parse_entries
+
+            parse_entries(firewall)
+        self.size = size
+        self.firewall = None if firewall is None else list(firewall)
+        self.max_starting = max_starting
+        self.container_options = dict(container_options)
+        self._state = _State.NEW
+        self._ready: asyncio.Queue[Sandbox] = asyncio.Queue()
+        self._starting: set[asyncio.Task[None]] = set()
+        self._handed_out: set[Sandbox] = set()
+        self._waiters = 0
+        self._failures: list[Exception] = []
+        self._changed = asyncio.Condition()
+        self._consecutive_failures = 0
+        self._refill: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_starting)
+
+    @property
+    def ready(self) -> int:
+        """How many sandboxes are ready to be handed out now."""
+        return self._ready.qsize()
+
+    async def start(self) -> None:
+        """Begin starting sandboxes in the background; returns at once.
+
+        Raises:
+            InvalidStateError: The pool was started before or is closed.
+        """
+        if self._state is not _State.NEW:
+            raise InvalidStateError(f"SandboxPool.start() called in state {self._state.value!r}")
+        self._state = _State.RUNNING
+        self._refill = asyncio.create_task(self._keep_filled(), name="ipybox-pool-refill")
+
+    async def wait_ready(self, count: int | None = None, timeout: float | None = None) -> None:
+        """Wait until `count` (default: `size`) sandboxes are ready.
+
+        Raises:
+            TimeoutError: Not enough sandboxes were ready within `timeout` seconds.
+            InvalidStateError: The pool is not running.
+        """
+        wanted = self.size if count is None else min(count, self.size)
+
+        async def filled() -> None:
+            while self.ready < wanted:
+                self._check_running()
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(filled(), timeout)
+
+    async def acquire(self) -> Sandbox:
+        """Take a ready sandbox out of the pool; waits for one when none is ready.
+
+        The caller owns the sandbox and closes it (`await sandbox.close()` or `async with`).
+
+        Raises:
+            InvalidStateError: The pool is not running.
+            IpyboxError: No ready sandbox, and starting one failed (the error of that start, e.g.
+                `ImageNotFoundError` or `ContainerStartError`). The pool keeps retrying in the background.
+        """
+        self._check_running()
+        while True:
+            sandbox = await self._next()
+            if sandbox.healthy():
+                self._handed_out.add(sandbox)
+                sandbox._on_close.append(self._handed_out.discard)
+                self._wake.set()
+                return sandbox
+            logger.warning(
+                "discarding pooled sandbox %s: its kernel connection is gone", sandbox.container.container_id
+            )
+            self._wake.set()
+            await sandbox.close()
+
+    @contextlib.asynccontextmanager
+    async def sandbox(self) -> AsyncIterator[Sandbox]:
+        """`async with pool.sandbox() as sandbox:` acquires a sandbox and removes it on exit."""
+        sandbox = await self.acquire()
+        async with sandbox:
+            yield sandbox
+
+    async def close(self) -> None:
+        """Stop refilling and remove every sandbox the pool started, handed out or not. Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        tasks = [task for task in [self._refill, *self._starting] if task is not None]
+        for task in tasks:
+            task.cancel()
+        # Starts cancelled mid-way remove their own containers (ExecutionContainer.run cleans up).
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._announce()  # waiting callers see the pool closed
+        sandboxes = list(self._handed_out)
+        while not self._ready.empty():
+            sandboxes.append(self._ready.get_nowait())
+        results = await asyncio.gather(*(sandbox.close() for sandbox in sandboxes), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("removing a pooled sandbox failed: %s", result)
+
+    async def __aenter__(self) -> SandboxPool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state is not _State.RUNNING:
+            hint = "use `async with SandboxPool(...)` or call start()" if self._state is _State.NEW else "it is closed"
+            raise InvalidStateError(f"SandboxPool is not running: {hint}")
+
+    async def _next(self) -> Sandbox:
+        """The next ready sandbox; raises the error of a failed start that happens while waiting."""
+        async with self._changed:
+            # Counted until this task takes a sandbox, so the refill starts one for every waiter.
+            self._waiters += 1
+            self._wake.set()
+            try:
+                while True:
+                    if not self._ready.empty():
+                        return self._ready.get_nowait()
+                    if self._failures:
+                        raise self._failures.pop(0)
+                    self._check_running()
+                    await self._changed.wait()
+            finally:
+                self._waiters -= 1
+
+    async def _announce(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _keep_filled(self) -> None:
+        while True:
+            while self._ready.qsize() + len(self._starting) < self.size + self._waiters:
+                task = asyncio.create_task(self._start_one(), name="ipybox-pool-start")
+                self._starting.add(task)
+                task.add_done_callback(self._starting.discard)
+                task.add_done_callback(lambda _task: self._wake.set())
+            self._wake.clear()
+            await self._wake.wait()
+            if self._consecutive_failures:
+                delay = _RETRY_DELAYS[min(self._consecutive_failures, len(_RETRY_DELAYS)) - 1]
+                await asyncio.sleep(delay)
+
+    async def _start_one(self) -> None:
+        async with self._slots:
+            try:
+                sandbox = await self._new_sandbox()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._consecutive_failures += 1
+                logger.warning("starting a pooled sandbox failed (%d in a row): %s", self._consecutive_failures, exc)
+                if self._waiters > len(self._failures):
+                    self._failures.append(exc)
+                    await self._announce()
+                return
+        self._consecutive_failures = 0
+        if self._state is not _State.RUNNING:
+            await sandbox.close()
+            return
+        self._ready.put_nowait(sandbox)
+        await self._announce()
+
+    async def _new_sandbox(self) -> Sandbox:
+        container = ExecutionContainer(**self.container_options)
+        client: ExecutionClient | None = None
+        try:
+            await container.run()
+            if self.firewall is not None:
+                await container.init_firewall(self.firewall)
+            client = ExecutionClient(port=container.executor_port, host=_client_host(container.host))
+            await client.connect()
+            # An empty cell: the kernel answers once, so the first real cell does not wait for it. IPython
+            # does not count empty cells, so the caller's first cell is still [1].
+            await client.execute("", timeout=container.startup_timeout)
+        except BaseException as exc:
+            if client is not None:
+                await client.disconnect()
+            await container.kill()
+            if isinstance(exc, Exception) and not isinstance(exc, IpyboxError):
+                raise IpyboxError(f"starting a pooled sandbox failed: {exc}") from exc
+            raise
+        return Sandbox(container, client)
+
+
+def _connected(client: ExecutionClient) -> bool:
+    ws, reader = client._ws, client._reader
+    return ws is not None and not ws.closed and reader is not None and not reader.done() and not client._kernel_dead
+
+
+def _client_host(bind_host: str) -> str:
+    """The address a client on this machine uses for ports published on `bind_host`."""
+    return "localhost" if bind_host in ("0.0.0.0", "::", "") else bind_host

@@ -1,0 +1,55 @@
+"""SandboxPool checks its arguments at once, before any container starts (no Docker needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipybox import InvalidStateError, SandboxPool
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_size_must_be_positive(size: int) -> None:
+    with pytest.raises(ValueError, match="size must be at least 1"):
+        SandboxPool(size)
+
+
+def test_max_starting_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_starting must be at least 1"):
+        SandboxPool(1, max_starting=0)
+
+
+@pytest.mark.parametrize("option", ["executor_port", "resource_port"])
+def test_fixed_ports_are_refused(option: str) -> None:
+    with pytest.raises(ValueError, match=f"{option}=8888 cannot be used with a pool.*leave {option} unset"):
+        SandboxPool(2, **{option: 8888})
+
+
+def test_unknown_option_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="memory_limt"):
+        SandboxPool(1, memory_limt="1g")
+
+
+def test_invalid_container_option_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="memory_limit"):
+        SandboxPool(1, memory_limit="lots")
+
+
+def test_invalid_firewall_entry_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="not a domain name"):
+        SandboxPool(1, firewall=["bad domain!"])
+
+
+async def test_acquire_before_start_is_refused() -> None:
+    pool = SandboxPool(1)
+    with pytest.raises(InvalidStateError, match="start"):
+        await pool.acquire()
+    await pool.close()
+    with pytest.raises(InvalidStateError, match="closed"):
+        await pool.acquire()
+
+
+async def test_start_twice_is_refused() -> None:
+    pool = SandboxPool(1)
+    await pool.close()
+    with pytest.raises(InvalidStateError):
+        await pool.start()
