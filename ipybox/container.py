@@ -84,6 +84,13 @@ class ExecutionContainer:
             user-defined network, other containers' names resolve through Docker's embedded DNS.
         open_files_limit: Maximum number of open files per process in the container.
         tmp_size: Size cap of the container's `/tmp` (a tmpfs; its contents count as memory).
+        app_size: Size cap of the container's `/app`, the kernels' working directory where the file
+            API writes (a tmpfs owned by the sandbox user, `nosuid,nodev` but executable; its
+            contents count as memory, and nothing lands on the host's disk). Writes beyond it fail
+            with `ENOSPC`. Binds still appear under it. Anything the image itself has in `/app` is
+            hidden. None: no cap, `/app` stays in the container's writable layer on the host's disk.
+            A warning is logged when `app_size` plus `tmp_size` exceed `memory_limit`: full
+            directories would then hit the memory limit (the kernel is killed) before `ENOSPC`.
         allowed_hosts: Host names (besides localhost and IP addresses) that clients may use in the
             `Host` header to reach the servers, e.g. a name for remote use with `host="0.0.0.0"`.
             Other names are refused (a DNS-rebinding defence).
@@ -121,6 +128,7 @@ class ExecutionContainer:
         network: str | None = None,
         open_files_limit: int = 4096,
         tmp_size: int | str = "1g",
+        app_size: int | str | None = "2g",
         allowed_hosts: list[str] | None = None,
         max_kernels: int = 16,
     ):
@@ -153,6 +161,8 @@ class ExecutionContainer:
         tmp_bytes = parse_memory(tmp_size, "tmp_size")
         assert tmp_bytes is not None
         self._tmp_size = tmp_bytes
+        self._app_size = parse_memory(app_size, "app_size")
+        _check_file_caps(self._memory_limit, self._tmp_size, self._app_size)
         for container_path in self.binds.values():
             _container_bind_path(container_path)  # fail early; run() checks again
 
@@ -363,7 +373,7 @@ class ExecutionContainer:
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges:true"],
             "Ulimits": [{"Name": "nofile", "Soft": self._open_files_limit, "Hard": self._open_files_limit}],
-            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,mode=1777,size={self._tmp_size}"},
+            "Tmpfs": self._tmpfs(sandbox_ids),
             # Bounded logs: kernel output that reaches the container's stdout cannot fill the disk.
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
         }
@@ -385,6 +395,16 @@ class ExecutionContainer:
             "Labels": {**self.labels, CONTAINER_LABEL: "true", VERSION_LABEL: __version__},
             "HostConfig": host_config,
         }
+
+    def _tmpfs(self, sandbox_ids: tuple[int, int]) -> dict[str, str]:
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,mode=1777,size={self._tmp_size}"}
+        if self._app_size is not None:
+            # Owned by the sandbox user like the image's /app (0755). `exec` explicitly: Docker adds
+            # noexec to every tmpfs, and users run scripts and build extensions in /app. Binds under
+            # /app still work: Docker mounts by depth, so they land on top of this tmpfs.
+            uid, gid = sandbox_ids
+            tmpfs[str(APP_DIR)] = f"rw,exec,nosuid,nodev,mode=0755,uid={uid},gid={gid},size={self._app_size}"
+        return tmpfs
 
     async def _wait_until_ready(self) -> None:
         """Follow the container's stdout until the server prints its ready line.
@@ -431,6 +451,21 @@ class ExecutionContainer:
                     self._container.id,
                 )
             await asyncio.sleep(0.05)
+
+
+def _check_file_caps(memory_limit: int | None, tmp_size: int, app_size: int | None) -> None:
+    """Warn when the tmpfs caps cannot be reached before the memory limit (their pages are memory)."""
+    if memory_limit is None:
+        return
+    total = tmp_size + (app_size or 0)
+    if total > memory_limit:
+        logger.warning(
+            "app_size + tmp_size (%d MiB) exceed memory_limit (%d MiB): /app and /tmp are tmpfs whose "
+            "contents count as the container's memory, so filling them ends in the kernel being killed "
+            "for lack of memory before the size cap's ENOSPC; lower app_size/tmp_size or raise memory_limit",
+            total // 2**20,
+            memory_limit // 2**20,
+        )
 
 
 def _port_spec(port: int | None) -> str:

@@ -72,3 +72,47 @@ def test_constructor_does_no_io_and_config_publishes_on_loopback() -> None:
     assert config["HostConfig"]["NanoCpus"] == 1_500_000_000
     assert config["HostConfig"]["PidsLimit"] == 1024
     assert config["HostConfig"]["Init"] is True
+
+
+def test_app_is_a_capped_executable_tmpfs_owned_by_the_sandbox_user() -> None:
+    config = ExecutionContainer(app_size="64m")._container_config((1000, 1001))
+    tmpfs = config["HostConfig"]["Tmpfs"]
+    options = tmpfs["/app"].split(",")
+    assert f"size={64 * 2**20}" in options
+    assert {"rw", "exec", "nosuid", "nodev", "mode=0755", "uid=1000", "gid=1001"} <= set(options)
+    assert "noexec" not in options  # Docker adds noexec to a tmpfs unless `exec` overrides it
+    assert tmpfs["/tmp"] == f"rw,nosuid,nodev,mode=1777,size={2**30}"
+
+
+def test_app_size_default_and_root_image() -> None:
+    options = ExecutionContainer()._container_config((0, 0))["HostConfig"]["Tmpfs"]["/app"].split(",")
+    assert f"size={2 * 2**30}" in options
+    assert {"uid=0", "gid=0"} <= set(options)
+
+
+def test_app_size_none_keeps_app_in_the_writable_layer() -> None:
+    config = ExecutionContainer(app_size=None)._container_config((1000, 1000))
+    assert set(config["HostConfig"]["Tmpfs"]) == {"/tmp"}
+
+
+def test_binds_stay_under_app_with_the_tmpfs() -> None:
+    config = ExecutionContainer(binds={"/tmp/x": "data"})._container_config((1000, 1000))
+    assert config["HostConfig"]["Binds"] == ["/tmp/x:/app/data"]
+    assert "/app" in config["HostConfig"]["Tmpfs"]
+
+
+@pytest.mark.parametrize("value", ["lots", "1k", 1024, "-2g"])
+def test_invalid_app_size_raises(value: int | str) -> None:
+    with pytest.raises(ValueError, match="app_size"):
+        ExecutionContainer(app_size=value)
+
+
+def test_caps_beyond_the_memory_limit_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="ipybox.container"):
+        ExecutionContainer(memory_limit="4g")  # defaults: 2g + 1g fit
+        ExecutionContainer(memory_limit=None, app_size="64g")  # no memory limit: nothing to compare
+        assert not caplog.records
+        ExecutionContainer(memory_limit="2g", app_size="2g", tmp_size="64m")
+    assert len(caplog.records) == 1
+    assert "exceed memory_limit" in caplog.records[0].getMessage()
+    assert "2112 MiB" in caplog.records[0].getMessage()
