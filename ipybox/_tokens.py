@@ -36,13 +36,14 @@ def token_dir() -> Path:
     return Path.home() / ".ipybox" / "run"
 
 
-def _key(host: str, port: int) -> tuple[str, int]:
+def key(host: str, port: int) -> tuple[str, int]:
+    """The registry key of host:port: loopback names are one name."""
     host = host.strip("[]").lower()
     return ("localhost" if host in _LOOPBACK else host, port)
 
 
 def _token_file(host: str, port: int) -> Path:
-    name, port = _key(host, port)
+    name, port = key(host, port)
     return token_dir() / f"{name.replace(':', '_')}-{port}.token"
 
 
@@ -52,7 +53,7 @@ def register(host: str, port: int, token: str, container_id: str = "") -> None:
     The file holds the secret on its first line and the container id on its second, so that
     `ipybox cleanup` can remove the files of containers that are gone.
     """
-    _registry[_key(host, port)] = token
+    _registry[key(host, port)] = token
     directory = token_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
@@ -68,13 +69,13 @@ def register(host: str, port: int, token: str, container_id: str = "") -> None:
 
 def unregister(host: str, port: int) -> None:
     """Forget the secret of host:port (in memory and on disk). Safe to call twice."""
-    _registry.pop(_key(host, port), None)
+    _registry.pop(key(host, port), None)
     _token_file(host, port).unlink(missing_ok=True)
 
 
 def lookup(host: str, port: int) -> str | None:
     """The secret registered for host:port, or None when no ExecutionContainer of this user made one."""
-    if token := _registry.get(_key(host, port)):
+    if token := _registry.get(key(host, port)):
         return token
     try:
         return _token_file(host, port).read_text().partition("\n")[0].strip() or None

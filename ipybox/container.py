@@ -16,7 +16,7 @@ from typing import Any
 
 import aiodocker
 
-from ipybox import _tokens
+from ipybox import _routes, _tokens
 from ipybox._docker import connect, docker_errors
 from ipybox._errors import ContainerError, ContainerStartError, FirewallError, InvalidStateError
 from ipybox._labels import (
@@ -254,6 +254,7 @@ class ExecutionContainer:
         self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
         for port in self._registered:
             _tokens.unregister(self.host, port)
+        _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
         self._registered.clear()
         container, self._container = self._container, None
         docker, self._docker = self._docker, None
@@ -444,6 +445,7 @@ class ExecutionContainer:
             resource = _published_port(ports, RESOURCE_PORT)
             if executor is not None and resource is not None:
                 self._executor_port, self._resource_port = executor, resource
+                _routes.record(self.host, {EXECUTOR_PORT: executor, RESOURCE_PORT: resource}, info)
                 return
             if time.monotonic() >= deadline:
                 raise ContainerStartError(

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 
-from ipybox import _tokens
+from ipybox import _routes, _tokens
 from ipybox._errors import AuthenticationError, InvalidStateError, ResourceError, ServerConnectionError
+from ipybox._labels import RESOURCE_PORT
 from ipybox.resource import _files, _mcp, _modules
 from ipybox.resource._http import connection_errors, raise_for_response
+
+logger = logging.getLogger(__name__)
+
+_DIRECT_TIMEOUT = aiohttp.ClientTimeout(total=2)
+"""How long the first request over a container's direct address may take before the published port is used."""
 
 
 class ResourceClient:
@@ -69,6 +76,24 @@ class ResourceClient:
             return
         token = self._token or _tokens.lookup(self.host, self.port)
         headers = {"Authorization": f"token {token}"} if token else {}
+        if direct := _routes.direct_url(self.host, self.port, RESOURCE_PORT):
+            # The container's own address, around docker-proxy (see ipybox._routes); one quick try.
+            self._session = aiohttp.ClientSession(direct, headers=headers)
+            try:
+                with connection_errors("status check"):
+                    async with self._session.get("/status", timeout=_DIRECT_TIMEOUT) as response:
+                        await raise_for_response(response, "status check")
+                self._base_url = direct
+                return
+            except AuthenticationError:
+                await self.disconnect()
+                raise
+            except (ServerConnectionError, ResourceError, aiohttp.ClientError, TimeoutError) as exc:
+                logger.debug("direct route %s failed (%s); using the published port", direct, exc)
+                await self.disconnect()
+            except BaseException:
+                await self.disconnect()
+                raise
         self._session = aiohttp.ClientSession(self._base_url, headers=headers)
         last_error: Exception | None = None
         try:

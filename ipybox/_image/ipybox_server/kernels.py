@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from jupyter_server._tz import utcnow
 from kernel_gateway.services.kernels.manager import SeedingMappingKernelManager
 
 
@@ -33,6 +34,17 @@ class PrestartingKernelManager(SeedingMappingKernelManager):  # type: ignore[mis
             except Exception:
                 self.log.exception("the pre-started kernel failed; starting another")
         return str(await super().start_kernel(*args, **kwargs))
+
+    def start_watching_activity(self, kernel_id: str) -> None:
+        # The stock watcher subscribes to the kernel's IOPub a second time and decodes every message
+        # (signature, JSON, dates) on the gateway's event loop, the loop that relays the replies: tens of
+        # microseconds per message on the path of every cell. Nothing here reads the activity fields
+        # (kernel culling is off), so they are set once: GET /api/kernels reports the start time as
+        # last_activity and "idle" as execution_state.
+        kernel = self._kernels[kernel_id]
+        kernel.reason = ""
+        kernel.last_activity = utcnow()
+        kernel.execution_state = "idle"
 
 
 def _is_plain_request(kwargs: dict[str, Any], default_kernel_name: str) -> bool:
