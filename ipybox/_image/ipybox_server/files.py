@@ -36,6 +36,8 @@ from ipybox_server.paths import bad_request, not_found, resolve
 CHUNK_SIZE = archive.CHUNK_SIZE
 _OPEN_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OPEN_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A temp file is named `.<name>.<12 hex digits>.ipybox-tmp`; room for that within NAME_MAX (255).
+_TEMP_NAME_BYTES = 255 - len(f"..{'0' * 12}{archive.TEMP_SUFFIX}")
 
 
 def conflict(message: str) -> web.HTTPConflict:
@@ -63,10 +65,17 @@ def _open_temp(target: Path, relpath: str) -> tuple[int, Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise conflict(f"a parent of {relpath!r} is not a directory") from None
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}{archive.TEMP_SUFFIX}")
+    temp = target.with_name(f".{_short(target.name)}.{secrets.token_hex(6)}{archive.TEMP_SUFFIX}")
     # 0o666 through the umask, as a file created by open() gets; O_EXCL + O_NOFOLLOW: a fresh file.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     return fd, temp
+
+
+def _short(name: str) -> str:
+    """`name` cut to at most _TEMP_NAME_BYTES bytes: with the temp file's decoration it must still fit NAME_MAX."""
+    while len(os.fsencode(name)) > _TEMP_NAME_BYTES:
+        name = name[:-1]
+    return name
 
 
 async def put_file(request: web.Request) -> web.Response:
@@ -96,6 +105,8 @@ def _open_for_reading(target: Path, relpath: str) -> tuple[io.BufferedReader, in
         fd = os.open(target, _OPEN_FILE_FLAGS)
     except FileNotFoundError:
         raise not_found(f"no file {relpath!r} in /app") from None
+    except NotADirectoryError:
+        raise not_found(f"no file {relpath!r} in /app: a parent is not a directory") from None
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or socket after resolve()
             raise not_found(f"{relpath!r} is not a regular file") from None
@@ -136,11 +147,13 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 def _delete(target: Path, relpath: str) -> None:
     try:
         mode = os.lstat(target).st_mode
-    except FileNotFoundError:
+        if stat.S_ISDIR(mode):
+            raise not_found(f"{relpath!r} is a directory, not a file")
+        target.unlink()
+    except FileNotFoundError:  # also when it went away between lstat and unlink
         raise not_found(f"no file {relpath!r} in /app") from None
-    if stat.S_ISDIR(mode):
-        raise not_found(f"{relpath!r} is a directory, not a file")
-    target.unlink()
+    except NotADirectoryError:
+        raise not_found(f"no file {relpath!r} in /app: a parent is not a directory") from None
 
 
 async def delete_file(request: web.Request) -> web.Response:
@@ -168,6 +181,12 @@ async def put_directory(request: web.Request) -> web.Response:
         raise conflict(f"{relpath!r} or a parent is not a directory") from exc
     except tarfile.TarError as exc:
         raise bad_request(f"not a valid tar archive: {exc}") from exc
+    except OverflowError as exc:  # os.utime of a member's mtime beyond time_t
+        raise bad_request(f"archive refused: a member's time is out of range ({exc})") from exc
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise bad_request(f"archive refused: a member name is longer than 255 bytes: {exc.filename!r}") from exc
+        raise
     return web.json_response({"files": files, "size": size})
 
 
@@ -200,9 +219,15 @@ async def get_directory(request: web.Request) -> web.StreamResponse:
         os.close(root_fd)
 
 
+# `(?s:...)`: a relpath may contain any character, a newline too (`.` alone stops at one, and such a
+# path would be a "no route" 404 instead of a file).
+_FILE = "{relpath:(?s:.+)}"
+_DIRECTORY = "{relpath:(?s:.*)}"
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_put("/files/{relpath:.+}", put_file)
-    app.router.add_get("/files/{relpath:.+}", get_file)
-    app.router.add_delete("/files/{relpath:.+}", delete_file)
-    app.router.add_put("/directories/{relpath:.*}", put_directory)
-    app.router.add_get("/directories/{relpath:.*}", get_directory)
+    app.router.add_put(f"/files/{_FILE}", put_file)
+    app.router.add_get(f"/files/{_FILE}", get_file)
+    app.router.add_delete(f"/files/{_FILE}", delete_file)
+    app.router.add_put(f"/directories/{_DIRECTORY}", put_directory)
+    app.router.add_get(f"/directories/{_DIRECTORY}", get_directory)
