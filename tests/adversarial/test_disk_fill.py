@@ -83,12 +83,14 @@ async def test_app_fill_stops_at_the_cap_and_everything_recovers(make_container,
         assert int((await client.execute("import os\n" + SHMEM)).text or 0) >= 60 * MIB
 
         async with ResourceClient(port=container.resource_port) as resources:
-            # A full /app: the upload fails at once with an error, leaves no temp file, and the
-            # servers stay up. (The resource server answers 500 today; see the notes.)
+            # A full /app: the upload fails at once with a 507 that says why and what to do, leaves no
+            # temp file, and the servers stay up.
             start = time.monotonic()
-            with pytest.raises(ResourceError):
+            with pytest.raises(ResourceError) as info:
                 await asyncio.wait_for(resources.upload_file("upload.bin", local), 10)
             assert time.monotonic() - start < 10
+            assert info.value.status == 507, info.value
+            assert "no space left" in str(info.value) and "app_size" in str(info.value)
             assert (await client.execute("print(sorted(os.listdir('/app')))")).text == "['data', 'filler']"
             assert (await resources.status())["status"] == "ok"
             # The running kernel and a new one both work while /app is full.

@@ -32,9 +32,9 @@ def _links(*operation_ids: str) -> dict[str, Any]:
 
 
 def _responses(ok: dict[str, Any], *codes: str) -> dict[str, Any]:
-    """`ok` as 200, the named error responses, and the 400/401/403 every route can answer."""
+    """`ok` as 200, the named error responses, and the 400/401/403/507 every route can answer."""
     responses = {"200": ok}
-    for code in ("400", "401", "403", *codes):
+    for code in ("400", "401", "403", *codes, "507"):
         responses[code] = {"$ref": f"#/components/responses/{_NAMES[code]}"}
     return responses
 
@@ -47,6 +47,7 @@ _NAMES = {
     "409": "Conflict",
     "413": "TooLarge",
     "422": "Unprocessable",
+    "507": "NoSpace",
 }
 
 _RELPATH = {
@@ -336,6 +337,7 @@ SPEC: dict[str, Any] = {
             "Conflict": _error("The write clashes with an existing entry of another type."),
             "TooLarge": _error("An uploaded archive is over a cap."),
             "Unprocessable": _error("The MCP server could not be reached, failed, or did not answer in time."),
+            "NoSpace": _error("A write found /app or /tmp full (the sandbox's size caps); delete files there."),
         },
     },
 }

@@ -10,6 +10,7 @@ rewrites aiohttp's own plain-text ones (404 no such route, 405 wrong method, ...
 unexpected exception into a 500 that names it (a bug: the fuzz test fails on any 5xx).
 """
 
+import errno
 import hmac
 import logging
 
@@ -55,6 +56,15 @@ async def json_errors(request: web.Request, handler):  # type: ignore[no-untyped
     except Exception as exc:
         if isinstance(exc, ConnectionError) or request.writer.output_size:
             raise  # the client went away, or a streamed answer already began: aiohttp closes the connection
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Sandbox code filled /app (a size-capped tmpfs): the sandbox's state, not a server bug.
+            return web.json_response(
+                {
+                    "error": f"no space left in the sandbox for {request.method} {request.path}: /app or /tmp is "
+                    "full; delete files there, or start the container with a larger app_size"
+                },
+                status=507,
+            )
         logger.exception("%s %s failed", request.method, request.path)
         return web.json_response(
             {"error": f"internal error in {request.method} {request.path}: {type(exc).__name__}: {exc}"}, status=500
