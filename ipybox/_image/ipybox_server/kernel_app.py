@@ -1,0 +1,220 @@
+"""The sandbox's kernel: ipykernel's, with a guard against forked copies of itself.
+
+Every kernel runs `IpyboxKernel`: the pre-warmed one (`kernel_stub`) and those the gateway spawns,
+whose kernelspec (set in the Dockerfile) adds `--IPKernelApp.kernel_class=` to ipykernel's launch.
+
+`os.fork()` in a cell copies the whole kernel: its event loop, its ZeroMQ sockets and the cell in
+progress. A copy that the cell does not end itself (`os._exit`, exec) carries on through the rest of
+the cell and back into the kernel's machinery, which is not fork-safe: it would send replies on
+sockets it shares with the kernel and then wait forever in the kernel's event loop, holding a pid.
+A fork bomb (`while True: os.fork()`) left about a hundred such copies at a pids limit of 128. So a
+copy ends itself (`os._exit`, no output and no reply):
+
+- when its cell ends, or when the cell raises (before the traceback is published: the kernel, not
+  each copy, reports the cell's error; a `SystemExit` gives its exit status);
+- when it would return to the kernel's event loop otherwise (a cell with top-level `await`: the
+  loop first finishes the round of callbacks it was in);
+- when a thread it was forked from fails;
+- when it forks after its cell has ended, in the kernel or in any other copy. This stops a bomb's
+  swarm at once: its copies keep forking, and each failed fork would otherwise free a pid for the
+  next. (The kernel then goes on forking children that end at once, until it fails too.)
+
+Untouched: `multiprocessing` children (they never return into the kernel, and forks made in them are
+theirs: a Pool created in one cell serves the next), `subprocess` (the child execs at once) and a
+forked child that ends itself. The kernel reaps its own children that ended this way, so no zombie
+holds a pid.
+"""
+
+import asyncio
+import mmap
+import os
+import struct
+import sys
+import threading
+from typing import Any
+
+from ipykernel.ipkernel import IPythonKernel
+from ipykernel.zmqshell import ZMQInteractiveShell
+from tornado.ioloop import IOLoop
+from traitlets import Type
+
+_PID = struct.Struct("=i")
+_REAP_INTERVAL = 0.05
+_REAP_ATTEMPTS = 100
+
+
+def _is_multiprocessing_child() -> bool:
+    """Whether this process is running a `multiprocessing` process (fork start method)."""
+    process = sys.modules.get("multiprocessing.process")
+    current = getattr(process, "_current_process", None)
+    return getattr(current, "_parent_pid", None) is not None
+
+
+def _exit_status(error: BaseException | None) -> int:
+    if isinstance(error, SystemExit):
+        code = error.code
+        return code if isinstance(code, int) else 0 if code is None else 1
+    return 1
+
+
+class ForkGuard:
+    """Ends forked copies of the kernel; created once, in the kernel, before any cell runs."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.thread = threading.get_ident()
+        # The number of cells the kernel has finished, shared with every copy (MAP_SHARED); `cell` is
+        # each process's own count, frozen in a copy at the value of the cell it was forked in.
+        self._finished = mmap.mmap(-1, 8)
+        self.cell = 0
+        self._depth = 0
+        # Direct children of the kernel that end here send their pid, for the kernel to reap.
+        self._graves_in, self._graves_out = os.pipe()
+        os.set_blocking(self._graves_in, False)
+        os.set_blocking(self._graves_out, False)
+        self._pending: dict[int, int] = {}
+        self._reaping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._io_loop: IOLoop | None = None
+        os.register_at_fork(before=self._before_fork, after_in_child=self._after_fork_in_child)
+        self._excepthook = threading.excepthook
+        threading.excepthook = self._thread_failed
+
+    def is_copy(self) -> bool:
+        return os.getpid() != self.pid
+
+    def attach(self, io_loop: IOLoop) -> None:
+        """Start reaping on the kernel's loop (the loop runs the cells, in this thread)."""
+        self._io_loop = io_loop
+        self._loop = io_loop.asyncio_loop  # type: ignore[attr-defined]
+        self.thread = threading.get_ident()
+        io_loop.add_handler(self._graves_in, self._on_graves, IOLoop.READ)
+
+    def cell_started(self) -> None:
+        if self._depth == 0 and not self.is_copy():
+            self._on_graves(self._graves_in, 0)  # so that no copy that has ended shows in this cell
+        self._depth += 1
+
+    def cell_ended(self) -> None:
+        if self.is_copy():
+            self.exit_copy(0)
+        self._depth -= 1
+        if self._depth == 0:  # not a cell that another cell runs (`%run`, `run_cell`)
+            self.cell += 1
+            self._finish(self.cell)
+
+    def _finished_cells(self) -> int:
+        return int.from_bytes(self._finished[:8], "little")
+
+    def _finish(self, cells: int) -> None:
+        if self._finished_cells() < cells:
+            self._finished[:8] = cells.to_bytes(8, "little")
+
+    def exit_copy(self, status: int) -> None:
+        """End this copy at once: no flush (its buffers hold the kernel's output), no reply."""
+        # The other copies of its cell may fork no more: a bomb's swarm stops at once, instead of
+        # each failed fork freeing a pid for the next.
+        self._finish(self.cell + 1)
+        if os.getppid() == self.pid:
+            try:
+                os.write(self._graves_out, _PID.pack(os.getpid()))
+            except OSError:
+                pass
+        os._exit(status)
+
+    def _before_fork(self) -> None:
+        if not self.is_copy() or _is_multiprocessing_child():
+            return
+        if self.cell < self._finished_cells():
+            self.exit_copy(1)
+
+    def _after_fork_in_child(self) -> None:
+        # The fork came from the thread that runs the loop, so that is where this copy will return.
+        # Only after the cell gives up control (an await): a cell that ends normally exits first.
+        if self._loop is not None and threading.get_ident() == self.thread:
+            try:
+                self._loop.call_soon(self._returned_to_loop)
+            except RuntimeError:
+                pass
+
+    def _returned_to_loop(self) -> None:
+        # A multiprocessing child that runs the loop it inherited (asyncio.get_event_loop()) is its own.
+        if not _is_multiprocessing_child():
+            self.exit_copy(0)
+
+    def _thread_failed(self, args: Any) -> None:
+        # A copy forked from a thread ends with that thread; without a traceback that it could only
+        # send through the kernel's I/O.
+        if self.is_copy():
+            self.exit_copy(1)
+        self._excepthook(args)
+
+    def _on_graves(self, fd: int, events: int) -> None:
+        if self.is_copy():
+            return  # a copy that runs a handler of the loop before it ends: the pids are the kernel's
+        try:
+            data = os.read(fd, 4096 * _PID.size)
+        except BlockingIOError:
+            return
+        usable = len(data) - len(data) % _PID.size
+        for (pid,) in _PID.iter_unpack(data[:usable]):
+            self._pending[pid] = _REAP_ATTEMPTS
+        if not self._reaping:
+            self._reap()
+
+    def _reap(self) -> None:
+        """Collect the copies' exit statuses; a copy may still be between its message and its exit."""
+        for pid, attempts in list(self._pending.items()):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] != 0
+            except ChildProcessError:
+                done = True  # reaped already (by the cell's own os.wait)
+            if done or attempts <= 1:
+                del self._pending[pid]
+            else:
+                self._pending[pid] = attempts - 1
+        self._reaping = bool(self._pending) and self._io_loop is not None
+        if self._reaping:
+            self._io_loop.call_later(_REAP_INTERVAL, self._reap)  # type: ignore[union-attr]
+
+
+_guard: ForkGuard | None = None
+
+
+def fork_guard() -> ForkGuard:
+    """The kernel's guard; a copy gets the one it inherited, which knows it is a copy."""
+    global _guard
+    if _guard is None:
+        _guard = ForkGuard()
+    return _guard
+
+
+class IpyboxShell(ZMQInteractiveShell):
+    """The shell that tells the guard where each cell starts and ends."""
+
+    async def run_cell_async(self, *args: Any, **kwargs: Any) -> Any:
+        guard = fork_guard()
+        guard.cell_started()
+        try:
+            return await super().run_cell_async(*args, **kwargs)
+        finally:
+            guard.cell_ended()
+
+    def showtraceback(self, *args: Any, **kwargs: Any) -> None:
+        guard = fork_guard()
+        if guard.is_copy():
+            exc_tuple = args[0] if args else kwargs.get("exc_tuple")
+            guard.exit_copy(_exit_status(exc_tuple[1] if exc_tuple else sys.exc_info()[1]))
+        super().showtraceback(*args, **kwargs)
+
+
+class IpyboxKernel(IPythonKernel):  # type: ignore[misc]
+    shell_class = Type(IpyboxShell)
+
+    def __init__(self, **kwargs: Any) -> None:
+        fork_guard()  # before any cell can fork
+        super().__init__(**kwargs)
+
+    def start(self) -> None:
+        super().start()
+        fork_guard().attach(self.io_loop)
