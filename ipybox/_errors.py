@@ -10,7 +10,9 @@
     │   ├── ContainerStartError      the servers in the container did not come up
     │   └── FirewallError            firewall rules could not be applied (also a RuntimeError)
     ├── ServerConnectionError        a port of the container cannot be reached
-    │   └── AuthenticationError      the server refused the secret (401/403)
+    │   ├── AuthenticationError      the server refused the secret (401/403)
+    │   └── ExecutionOutcomeUnknownError  the connection broke mid-execution and its end was not
+    │                                recovered: the code may or may not have run; never re-executed
     ├── KernelError                  the kernel misbehaved
     │   ├── ExecutionError           the code raised; `.message` and `.trace`
     │   └── KernelDiedError          the kernel process died while executing
@@ -91,6 +93,24 @@ class AuthenticationError(ServerConnectionError):
     """The server rejected the request's secret (HTTP 401/403)."""
 
 
+class ExecutionOutcomeUnknownError(ServerConnectionError):
+    """The websocket broke while an execution was pending and its outcome could not be recovered.
+
+    The client re-opens the websocket with the same session, and the gateway replays what the
+    kernel sent meanwhile. This error means that did not work out: reconnecting failed, the kernel
+    was restarted meanwhile, or messages of the execution were lost in the cut. The code may or may
+    not have run (fully or in part); the client never sends it again. A `ServerConnectionError`,
+    so code written for a lost connection keeps working.
+
+    Attributes:
+        kernel_id: The kernel the execution was sent to.
+    """
+
+    def __init__(self, message: str, kernel_id: str | None = None) -> None:
+        self.kernel_id = kernel_id
+        super().__init__(message)
+
+
 class KernelError(IpyboxError):
     """The kernel misbehaved."""
 
@@ -129,8 +149,16 @@ class ExecutionTimeoutError(IpyboxError, TimeoutError):
     """An execution did not finish within its timeout.
 
     The kernel was interrupted and keeps its state, or, when the code ignored the interrupt, restarted
-    and its state lost; the message says which.
+    and its state lost; the message and `restarted` say which.
+
+    Attributes:
+        restarted: True when the kernel was restarted (or a restart was attempted and failed): its
+            state (variables, imports) is lost. False when it was only interrupted and keeps its state.
     """
+
+    def __init__(self, message: str, restarted: bool = False) -> None:
+        super().__init__(message)
+        self.restarted = restarted
 
 
 class RemoteFileNotFoundError(ResourceError, FileNotFoundError):

@@ -23,6 +23,7 @@ from ipybox import _tokens, _wire
 from ipybox._errors import (
     AuthenticationError,
     ExecutionError,
+    ExecutionOutcomeUnknownError,
     ExecutionTimeoutError,
     InvalidStateError,
     KernelDiedError,
@@ -49,6 +50,14 @@ _BARRIER_IOPUB_WAIT = 2.0
 """Seconds to wait for a barrier's IOPub status after its shell reply before nudging again."""
 _MAX_ESCAPE_CARRY = 4096
 """Longest unfinished escape sequence held back at the end of a stream chunk for the next one."""
+_RECONNECT_DELAYS = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)
+"""Pauses before each attempt to re-open a websocket that broke: six attempts in about 3 s."""
+_RECONNECT_BUDGET = 10.0
+"""Seconds all attempts to re-open a broken websocket may take together."""
+_RECONNECT_ATTEMPT_TIMEOUT = 5.0
+"""Seconds one attempt to re-open a broken websocket may take."""
+_GAP_GRACE = 0.5
+"""Seconds an execution that reached idle after a cut waits for messages still missing before it fails."""
 
 # Terminal escape sequences (ECMA-48), in 7-bit and 8-bit (C1) form. No alternative can backtrack
 # over more than the run up to the next ESC, so stripping stays linear on hostile input.
@@ -143,6 +152,60 @@ class _Terminal:
 _IDLE = ("idle", None)
 
 
+class _CutWindow:
+    """What the reader saw of the kernel's numbered messages since the websocket broke.
+
+    jupyter_client numbers every message a kernel sends (`header.msg_id` is
+    `<session>_<pid>_<n>`, n counting up over all channels). While an execution runs, every
+    message the kernel sends comes to this client, so a number missing between the last one seen
+    before the cut and an execution's idle is a message lost in the cut. The exception: the kernel_info
+    requests with which the gateway nudges a new websocket (on the control channel too, so served at
+    once). Their replies go to the gateway, and it swallows the first IOPub message after a nudge;
+    each such request excuses those of its three messages (busy, reply, idle) not seen.
+    """
+
+    def __init__(self, tag: str | None, mark: int) -> None:
+        self.tag = tag  # "<session>_<pid>" of the kernel before the cut; None: never saw one
+        self.mark = mark  # the highest number seen before the cut
+        self.seen: set[int] = set()
+        self.ours: set[str] = set()  # ids of this client's requests pending at or sent since the cut
+        # (number, is idle) of each message seen for a kernel_info request of the gateway. Its
+        # requests cannot be told apart by id (each new connection numbers them from 0 again); each
+        # ends with one idle status, so the idle statuses count them.
+        self.foreign: list[tuple[int, bool]] = []
+        self.shutdown = False  # the kernel announced its shutdown (a restart) since the cut
+
+    def complete_through(self, message: dict[str, Any]) -> bool:
+        """True unless a message numbered between the cut and this one never arrived."""
+        numbered = _numbered(message)
+        if self.tag is None or numbered is None or numbered[0] != self.tag:
+            return True
+        last = numbered[1]
+        missing = sum(1 for n in range(self.mark + 1, last + 1) if n not in self.seen)
+        if not missing:
+            return True
+        foreign = [idle for number, idle in self.foreign if number <= last]
+        return missing <= 3 * sum(foreign) - len(foreign)
+
+    def note(self, message: dict[str, Any], number: int) -> None:
+        self.seen.add(number)
+        if message.get("msg_type") == "shutdown_reply":
+            self.shutdown = True
+        parent = message.get("parent_header") or {}
+        if parent.get("msg_type") == "kernel_info_request" and parent.get("msg_id") not in self.ours:
+            self.foreign.append((number, _is_idle(message)))
+
+
+def _numbered(message: dict[str, Any]) -> tuple[str, int] | None:
+    """("<session>_<pid>", n) from a jupyter_client message id, or None for another format."""
+    tag, _, number = str((message.get("header") or {}).get("msg_id", "")).rpartition("_")
+    return (tag, int(number)) if tag and number.isdigit() else None
+
+
+def _is_idle(message: dict[str, Any]) -> bool:
+    return message.get("msg_type") == "status" and message["content"].get("execution_state") == "idle"
+
+
 class _Route:
     """The reader's side of one request: where its output goes and how much of it is kept.
 
@@ -161,6 +224,8 @@ class _Route:
         self.dropped = 0
         self.truncated = False
         self.lost = False  # messages went missing while the websocket was re-opened
+        self.suspect = False  # pending when the websocket broke: its end is checked for lost messages
+        self.held = False  # a suspect whose idle came while messages before it are still missing
         self.finished = False
         self.error: tuple[str, str] | None = None
         self._carry = ""
@@ -355,7 +420,8 @@ class Execution:
         if self._done:
             error = ExecutionTimeoutError(
                 f"Execution did not finish within timeout={timeout} s; the kernel was interrupted and keeps "
-                "its state. Pass a larger timeout to execute(), result() or stream() for longer runs."
+                "its state. Pass a larger timeout to execute(), result() or stream() for longer runs.",
+                restarted=False,
             )
         else:
             self._finish(None)
@@ -369,13 +435,14 @@ class Execution:
             try:
                 await self._client._restart_after_timeout()
             except (ServerConnectionError, KernelDiedError) as exc:
-                error = ExecutionTimeoutError(f"{stuck}; restarting kernel {kernel_id} failed: {exc}")
+                error = ExecutionTimeoutError(f"{stuck}; restarting kernel {kernel_id} failed: {exc}", restarted=True)
                 self._done = True
                 self._error = error
                 raise error from exc
             error = ExecutionTimeoutError(
                 f"{stuck}; kernel {kernel_id} was restarted and its state (variables, imports) is lost. "
-                "Pass a larger timeout to execute(), result() or stream() for longer runs."
+                "Pass a larger timeout to execute(), result() or stream() for longer runs.",
+                restarted=True,
             )
         self._done = True
         self._error = error
@@ -439,6 +506,11 @@ class ExecutionClient:
         self._restart_lock = asyncio.Lock()
         self._reopened = asyncio.Event()
         self._reopened.set()
+        # The kernel's message ids count up ("<session>_<pid>_<n>"): the tag and the highest n seen.
+        self._kernel_tag: str | None = None
+        self._last_counter = -1
+        self._window: _CutWindow | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     @property
     def kernel_id(self) -> str:
@@ -675,6 +747,8 @@ class ExecutionClient:
         if ws is None:
             self._pending.pop(msg_id, None)
             raise ServerConnectionError(f"sending to kernel {self._kernel_id} failed: the client disconnected")
+        if self._window is not None:
+            self._window.ours.add(msg_id)
         request = {
             "header": {
                 "msg_id": msg_id,
@@ -770,11 +844,18 @@ class ExecutionClient:
         try:
             while True:
                 oversize = await self._route_messages(ws)
-                if isinstance(oversize, Exception):
-                    error = oversize
-                    break
-                if oversize is None:
-                    break
+                if not isinstance(oversize, int):
+                    # The connection broke (or the server closed it) without our asking.
+                    if oversize is not None:
+                        error = oversize
+                    if self._kernel_dead:
+                        break
+                    reopened = await self._reconnect(oversize)
+                    if isinstance(reopened, Exception):
+                        error = reopened
+                        break
+                    ws = reopened
+                    continue
                 # The refused message belongs to the request the kernel is running: the oldest one.
                 suspects = [route for route in self._pending.values() if not route.raw]
                 if suspects:
@@ -795,6 +876,162 @@ class ExecutionClient:
             raise
         finally:
             self._fail_pending(error)
+
+    async def _reconnect(self, cause: Exception | None) -> aiohttp.ClientWebSocketResponse | Exception:
+        """Re-open a websocket that broke, with the same session, so the gateway replays its buffer.
+
+        The gateway keeps a session's messages while it has no websocket and sends them to the next
+        websocket of the same session. Executions pending at the cut are followed on the new
+        websocket; a recovery task then checks that none of their messages went missing. Nothing is
+        ever sent again. Returns the new websocket, or the error that pending executions get.
+        """
+        suspects = [route for route in self._pending.values() if not route.raw]
+        if suspects and self._window is None:
+            self._window = _CutWindow(self._kernel_tag, self._last_counter)
+        if self._window is not None:
+            self._window.ours.update(self._pending)
+        for route in suspects:
+            route.suspect = True
+        kernel_id = self._kernel_id
+        reason = f"{cause}" if cause is not None else "the server closed it"
+        self._reopened.clear()
+        try:
+            deadline = time.monotonic() + _RECONNECT_BUDGET
+            for delay in _RECONNECT_DELAYS:
+                if delay:
+                    await asyncio.sleep(delay)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    ws = await asyncio.wait_for(self._open_channels(), min(_RECONNECT_ATTEMPT_TIMEOUT, remaining))
+                except aiohttp.WSServerHandshakeError as exc:
+                    reason = f"HTTP {exc.status}"
+                    if exc.status == 404:
+                        reason = f"kernel {kernel_id} is gone (HTTP 404)"
+                        break
+                    if exc.status in (401, 403):
+                        break
+                    continue
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    reason = repr(exc)
+                    continue
+                self._ws = ws
+                logger.info("re-opened the websocket of kernel %s after it broke", kernel_id)
+                if suspects:
+                    self._start_recovery(suspects)
+                return ws
+        finally:
+            self._reopened.set()
+        self._window = None
+        what = f"the connection to kernel {kernel_id} broke and could not be re-opened ({reason})"
+        if suspects:
+            return _outcome_unknown(what, kernel_id)
+        return ServerConnectionError(what)
+
+    def _start_recovery(self, suspects: list[_Route]) -> None:
+        if self._recovery is not None:
+            # A cut during a recovery: the new one follows every execution still pending.
+            self._recovery.cancel()
+        task = asyncio.create_task(self._recover(suspects, self._window.tag if self._window else None))
+        self._recovery = task
+        self._resyncs.add(task)
+        task.add_done_callback(self._resyncs.discard)
+
+    async def _recover(self, suspects: list[_Route], tag: str | None) -> None:
+        """Fail the executions pending at a cut whose end did not arrive with the gateway's replay.
+
+        A kernel_info request sent now is served after every earlier request (the kernel serves shell
+        requests in order); once its reply and its IOPub status are here, so is every message of the
+        earlier requests that the gateway kept. An execution still unfinished then lost its end in
+        the cut, or never reached the kernel, or the kernel was restarted meanwhile (its replies then
+        carry another kernel session).
+        """
+        kernel_id = self._kernel_id
+        window = self._window
+        restarted = False
+        barrier = self._register(raw=True)
+        try:
+            await self._send(barrier.msg_id, "kernel_info_request", {})
+            replied = published = False
+            # No deadline for the first answer: it waits for the running executions, which their own
+            # timeouts bound.
+            message = await barrier.queue.get()
+            while not isinstance(message, _Terminal):
+                numbered = _numbered(message)
+                if tag is not None and numbered is not None and numbered[0] != tag:
+                    restarted = True
+                if message.get("channel") == "iopub":
+                    published = True
+                else:
+                    replied = True
+                if replied and published:
+                    break
+                try:
+                    message = await asyncio.wait_for(barrier.queue.get(), _BARRIER_IOPUB_WAIT)
+                except TimeoutError:
+                    if replied:
+                        # The shell reply came but its IOPub status did not: a fresh subscription.
+                        await self._nudge_until_iopub()
+                        break
+                    message = await barrier.queue.get()
+            else:
+                return  # the reader failed every pending request already
+        except Exception as exc:  # the suspects fail below either way
+            logger.debug("recovering kernel %s after a cut failed: %r", kernel_id, exc)
+        finally:
+            self._pending.pop(barrier.msg_id, None)
+            if self._recovery is asyncio.current_task():
+                self._recovery = None
+                self._window = None
+        if window is not None and restarted:
+            window.shutdown = True
+        why = self._cut_reason(window, lost=False)
+        for route in suspects:
+            if not route.finished and not route.held and self._pending.get(route.msg_id) is route:
+                self._fail_route(route, _outcome_unknown(why, kernel_id))
+
+    def _cut_reason(self, window: _CutWindow | None, lost: bool) -> str:
+        cut = f"the connection to kernel {self._kernel_id} broke during the execution"
+        if window is not None and (window.shutdown or (window.tag is not None and self._kernel_tag != window.tag)):
+            return f"{cut} and the kernel was restarted meanwhile (its state, variables and imports, is lost)"
+        if lost:
+            return f"{cut} and messages of it were lost (its output and whether it raised are unknown)"
+        return f"{cut} and its end did not come with the messages the gateway kept"
+
+    def _hold(self, route: _Route, idle: dict[str, Any], window: _CutWindow) -> None:
+        """A suspect reached idle while messages before its idle are missing: wait for them briefly."""
+        route.held = True
+
+        def settle() -> None:
+            if route.finished or self._pending.get(route.msg_id) is not route:
+                return
+            if window.complete_through(idle):
+                route.deliver(idle)
+                self._pending.pop(route.msg_id, None)
+            else:
+                self._fail_route(route, _outcome_unknown(self._cut_reason(window, lost=True), self._kernel_id))
+
+        asyncio.get_running_loop().call_later(_GAP_GRACE, settle)
+
+    def _fail_route(self, route: _Route, error: Exception) -> None:
+        route.finished = True
+        self._pending.pop(route.msg_id, None)
+        route.queue.put_nowait(_Terminal(error))
+
+    def _note(self, message: dict[str, Any]) -> None:
+        """Follow the numbers of the kernel's messages (see `_CutWindow`)."""
+        numbered = _numbered(message)
+        if numbered is None:
+            return
+        tag, number = numbered
+        if tag != self._kernel_tag:
+            self._kernel_tag, self._last_counter = tag, number  # the first message, or a new kernel
+        elif number > self._last_counter:
+            self._last_counter = number
+        window = self._window
+        if window is not None and tag == window.tag:
+            window.note(message, number)
 
     async def _route_messages(self, ws: aiohttp.ClientWebSocketResponse) -> int | Exception | None:
         """Route messages until the connection closes.
@@ -833,9 +1070,15 @@ class ExecutionClient:
                     )
                 )
                 continue
+            self._note(message)
             parent_id = (message.get("parent_header") or {}).get("msg_id")
             route = self._pending.get(parent_id) if parent_id else None
-            if route is not None and route.deliver(message):
+            if route is None or route.held:
+                continue
+            window = self._window
+            if route.suspect and window is not None and _is_idle(message) and not window.complete_through(message):
+                self._hold(route, message, window)
+            elif route.deliver(message):
                 self._pending.pop(route.msg_id, None)
         return None
 
@@ -846,6 +1089,14 @@ class ExecutionClient:
 
     def _forget(self, msg_id: str) -> None:
         self._pending.pop(msg_id, None)
+
+
+def _outcome_unknown(why: str, kernel_id: str | None) -> ExecutionOutcomeUnknownError:
+    return ExecutionOutcomeUnknownError(
+        f"{why}; the outcome of the execution is unknown: its code may or may not have run (fully or in "
+        "part). It was not executed again; check the sandbox's state before running it again.",
+        kernel_id,
+    )
 
 
 def _check_limit(limit: int | None) -> int | None:

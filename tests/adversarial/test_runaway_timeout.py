@@ -45,6 +45,7 @@ async def test_timeout_restarts_a_kernel_that_ignores_the_interrupt(client: Exec
     error = await _restarting_timeout(client, code)
     assert isinstance(error, TimeoutError)
     assert "timeout=2" in str(error) and "restarted" in str(error) and "state" in str(error)
+    assert error.restarted is True
     # The next execution runs in the fresh kernel.
     assert (await client.execute("print('fresh')", timeout=30)).text == "fresh"
     with pytest.raises(ExecutionError, match="NameError"):
@@ -56,14 +57,16 @@ async def test_an_interruptible_timeout_keeps_the_kernel(client: ExecutionClient
     with pytest.raises(ExecutionTimeoutError, match="interrupted and keeps its state") as info:
         await asyncio.wait_for(client.execute("while True:\n    pass", timeout=1), 30)
     assert "restarted" not in str(info.value)
+    assert info.value.restarted is False
     assert (await client.execute("print(state)")).text == "kept"
 
 
 async def test_executions_queued_behind_a_runaway_fail_instead_of_hanging(client: ExecutionClient) -> None:
     runaway = await client.submit(RUNAWAYS["python-loop-sig-ign"])
     queued = await client.submit("print('never')")
-    with pytest.raises(ExecutionTimeoutError, match="restarted"):
+    with pytest.raises(ExecutionTimeoutError, match="restarted") as timed_out:
         await asyncio.wait_for(runaway.result(timeout=2), 30)
+    assert timed_out.value.restarted is True
     with pytest.raises(Exception, match="restarted") as info:
         await asyncio.wait_for(queued.result(timeout=30), 30)
     assert not isinstance(info.value, TimeoutError)

@@ -62,6 +62,7 @@ def test_dockerfile_runtime_contract() -> None:
         "PYTHONPATH=/app",
         "MPLBACKEND=module://matplotlib_inline.backend_inline",
         "PYTHONUNBUFFERED=1",
+        "NO_COLOR=1",
         "LANG=C.UTF-8",
     ):
         assert setting in env
@@ -81,6 +82,7 @@ def test_core_requirements() -> None:
         "ipykernel>=6.29",
         "aiohttp>=3.10",
         "matplotlib",
+        "pandas",
         "pillow",
         "mcp>=2.3,<3",
         "datamodel-code-generator>=0.89,<1",

@@ -8,6 +8,7 @@ def test_all_is_sorted_and_matches_public_namespace() -> None:
         "executor",
         "resource",
         "build_cli",
+        "pool",
     }
     exported = set(ipybox.__all__) - {"__version__"}
     assert public == exported
