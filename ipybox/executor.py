@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from ipybox import _tokens, _wire
+from ipybox import _routes, _tokens, _wire
 from ipybox._errors import (
     AuthenticationError,
     ExecutionError,
@@ -29,6 +29,7 @@ from ipybox._errors import (
     KernelDiedError,
     ServerConnectionError,
 )
+from ipybox._labels import EXECUTOR_PORT
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ _RECONNECT_BUDGET = 10.0
 """Seconds all attempts to re-open a broken websocket may take together."""
 _RECONNECT_ATTEMPT_TIMEOUT = 5.0
 """Seconds one attempt to re-open a broken websocket may take."""
+_DIRECT_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=1)
+"""aiohttp's default timeouts, but a container's own address must accept a connection within a second."""
 _GAP_GRACE = 0.5
 """Seconds an execution that reached idle after a cut waits for messages still missing before it fails."""
 
@@ -550,9 +553,11 @@ class ExecutionClient:
             raise InvalidStateError("ExecutionClient is already connected")
         token = self._token or _tokens.lookup(self.host, self.port)
         headers = {"Authorization": f"token {token}"} if token else {}
-        self._session = aiohttp.ClientSession(self._base_url, headers=headers)
         try:
-            self._kernel_id = await self._create_kernel(retries, retry_interval)
+            self._kernel_id = await self._create_kernel_direct(headers)
+            if self._kernel_id is None:
+                self._session = aiohttp.ClientSession(self._base_url, headers=headers)
+                self._kernel_id = await self._create_kernel(retries, retry_interval)
             self._ws = await self._open_channels()
             # The gateway picks v1 when it supports it; older servers answer in legacy JSON.
             self._v1 = self._ws.protocol == _wire.V1_PROTOCOL
@@ -697,6 +702,29 @@ class ExecutionClient:
             max_msg_size=0 if limit is None else limit + _FRAME_SLACK,
             protocols=(_wire.V1_PROTOCOL,),
         )
+
+    async def _create_kernel_direct(self, headers: dict[str, str]) -> str | None:
+        """Create the kernel over the container's own address (see ipybox._routes); None when that fails.
+
+        One try with a short connect timeout: an address that does not answer costs at most a second,
+        then the published port is used. On success the session stays on the direct address, for the
+        websocket and every later request.
+        """
+        direct = _routes.direct_url(self.host, self.port, EXECUTOR_PORT)
+        if direct is None:
+            return None
+        session = aiohttp.ClientSession(direct, headers=headers, timeout=_DIRECT_TIMEOUT)
+        self._session, published = session, self._base_url
+        self._base_url = direct
+        try:
+            return await self._create_kernel(1, 0)
+        except AuthenticationError:
+            raise
+        except ServerConnectionError as exc:
+            logger.debug("direct route %s failed (%s); using the published port", direct, exc)
+        self._session, self._base_url = None, published
+        await session.close()
+        return None
 
     async def _create_kernel(self, retries: int, retry_interval: float) -> str:
         assert self._session is not None

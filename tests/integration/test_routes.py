@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from ipybox import ExecutionContainer, ResourceClient, _routes
+from ipybox import ExecutionClient, ExecutionContainer, ResourceClient, _routes
 from ipybox._labels import EXECUTOR_PORT, RESOURCE_PORT
 
 
@@ -48,3 +48,26 @@ async def test_routes_are_forgotten_when_the_container_is_killed(make_container)
     await container.kill()
     assert _routes.direct_url("localhost", executor, EXECUTOR_PORT) is None
     assert _routes.direct_url("localhost", resource, RESOURCE_PORT) is None
+
+
+async def test_execution_client_uses_the_container_address(shared_container: ExecutionContainer) -> None:
+    direct = _routes.direct_url("localhost", shared_container.executor_port, EXECUTOR_PORT)
+    assert direct is not None
+    async with ExecutionClient(port=shared_container.executor_port) as client:
+        assert client._base_url == direct
+        assert (await client.execute("print(6 * 7)")).text == "42"
+
+
+async def test_execution_client_falls_back_to_the_published_port(shared_container: ExecutionContainer) -> None:
+    port = shared_container.executor_port
+    saved = dict(_routes._routes)
+    _routes._routes[(("localhost", port), EXECUTOR_PORT)] = "127.0.0.1"  # nothing listens on 8888 here
+    try:
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", EXECUTOR_PORT)) != 0, "something listens on 8888 here"
+        async with ExecutionClient(port=port) as client:
+            assert client._base_url == f"http://localhost:{port}"
+            assert (await client.execute("print('via docker-proxy')")).text == "via docker-proxy"
+    finally:
+        _routes._routes.clear()
+        _routes._routes.update(saved)
