@@ -25,6 +25,12 @@ EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900
 """Container port of the resource server."""
 
+EXECUTOR_SOCKET = "/run/ipybox/executor.sock"
+"""Unix socket of the Kernel Gateway inside the container (besides its port); see ipybox._routes."""
+
+RESOURCE_SOCKET = "/run/ipybox/resource.sock"
+"""Unix socket of the resource server inside the container (besides its port)."""
+
 TOKEN_PATH = "/run/ipybox/token"
 """Where the per-container secret is placed before start; the server reads and deletes it."""
 

@@ -22,9 +22,11 @@ from ipybox._errors import ContainerError, ContainerStartError, FirewallError, I
 from ipybox._labels import (
     CONTAINER_LABEL,
     EXECUTOR_PORT,
+    EXECUTOR_SOCKET,
     GID_LABEL,
     READY_LINE,
     RESOURCE_PORT,
+    RESOURCE_SOCKET,
     TOKEN_PATH,
     UID_LABEL,
     VERSION_LABEL,
@@ -445,7 +447,12 @@ class ExecutionContainer:
             resource = _published_port(ports, RESOURCE_PORT)
             if executor is not None and resource is not None:
                 self._executor_port, self._resource_port = executor, resource
-                _routes.record(self.host, {EXECUTOR_PORT: executor, RESOURCE_PORT: resource}, info)
+                _routes.record(
+                    self.host,
+                    {EXECUTOR_PORT: executor, RESOURCE_PORT: resource},
+                    info,
+                    {EXECUTOR_PORT: EXECUTOR_SOCKET, RESOURCE_PORT: RESOURCE_SOCKET},
+                )
                 return
             if time.monotonic() >= deadline:
                 raise ContainerStartError(

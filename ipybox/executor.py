@@ -20,6 +20,7 @@ import aiohttp
 from PIL import Image
 
 from ipybox import _routes, _tokens, _wire
+from ipybox._escapes import split_unfinished_escape, strip_escapes
 from ipybox._errors import (
     AuthenticationError,
     ExecutionError,
@@ -49,8 +50,6 @@ _ITEM_OVERHEAD = 64
 larger than its text, and a flood of tiny outputs must hit the cap as well."""
 _BARRIER_IOPUB_WAIT = 2.0
 """Seconds to wait for a barrier's IOPub status after its shell reply before nudging again."""
-_MAX_ESCAPE_CARRY = 4096
-"""Longest unfinished escape sequence held back at the end of a stream chunk for the next one."""
 _RECONNECT_DELAYS = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)
 """Pauses before each attempt to re-open a websocket that broke: six attempts in about 3 s."""
 _RECONNECT_BUDGET = 10.0
@@ -62,32 +61,7 @@ _DIRECT_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=1)
 _GAP_GRACE = 0.5
 """Seconds an execution that reached idle after a cut waits for messages still missing before it fails."""
 
-# Terminal escape sequences (ECMA-48), in 7-bit and 8-bit (C1) form. No alternative can backtrack
-# over more than the run up to the next ESC, so stripping stays linear on hostile input.
-_STRING_SEQUENCE = r"(?:\x1b[P\]X^_]|[\x90\x98\x9d-\x9f])[^\x07\x1b\x9c]*"  # OSC, DCS, SOS, PM, APC
-_ESCAPES = re.compile(
-    _STRING_SEQUENCE + r"(?:\x07|\x1b\\|\x9c)?"  # ... ended by BEL or ST; unterminated: to the end
-    r"|(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor movement, ...
-    r"|\x1b[ -/]*[0-~]"  # other escapes: ESC c (reset), ESC 7, ESC ( B, ...
-    r"|\x1b"  # a stray ESC
-)
-_UNFINISHED_ESCAPE = re.compile(r"(?:" + _STRING_SEQUENCE + r"|(?:\x1b\[|\x9b)[0-?]*[ -/]*|\x1b[ -/]*)\Z")
 _OVERSIZE = re.compile(r"Message size (\d+)")
-
-
-def _strip_escapes(text: str) -> str:
-    """Remove terminal escape sequences (CSI, OSC, DCS, ...) so output cannot drive a terminal."""
-    return _ESCAPES.sub("", text) if _ESCAPES.search(text) else text
-
-
-def _split_unfinished_escape(text: str) -> tuple[str, str]:
-    """Split off an escape sequence that the end of a stream chunk cut in two."""
-    tail = text[-_MAX_ESCAPE_CARRY:]
-    match = _UNFINISHED_ESCAPE.search(tail)
-    if match is None:
-        return text, ""
-    cut = len(text) - len(tail) + match.start()
-    return text[:cut], text[cut:]
 
 
 def _utf8_size(text: str) -> int:
@@ -128,21 +102,35 @@ _UNSET = _Unset.UNSET
 
 @dataclass
 class ExecutionResult:
-    """The outcome of a successful execution.
+    """The outcome of an execution.
 
     Attributes:
         text: All stdout/stderr text, `execute_result` and `display_data` text, joined in order
             and stripped, terminal escape sequences removed; None when the code produced no text.
-            When output was truncated, a last line says how much was dropped.
-        images: PIL images from `image/png` outputs, in order.
+            An output with an image contributes its image to `images`, not its text. When output was
+            truncated, a last line says how much was dropped.
+        images: PIL images from `image/png` and `image/jpeg` outputs, in order.
         truncated: Output past `max_output_bytes` was dropped.
-        dropped_bytes: How many bytes of text and images were dropped (at least; see `truncated`).
+        dropped_bytes: How many bytes of output were dropped (at least; see `truncated`).
+        stdout: The text written to stdout, escapes removed, not stripped.
+        stderr: The text written to stderr, escapes removed, not stripped.
+        outputs: The rich outputs (MIME bundles) as Jupyter shows them at the end: `execute_result`
+            and `display_data` in order, with `update_display_data` and `clear_output` applied.
+        execution_count: The kernel's number for this execution (`In [n]`); None when unknown.
+        duration: Seconds from submitting the code to the kernel's idle status for it.
+        error: The exception the code raised, when `raise_on_error=False` was asked for; else None.
     """
 
     text: str | None
     images: list[Image.Image] = field(default_factory=list)
     truncated: bool = False
     dropped_bytes: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    outputs: list[Output] = field(default_factory=list)
+    execution_count: int | None = None
+    duration: float = 0.0
+    error: ErrorInfo | None = None
 
 
 class _Terminal:
@@ -215,6 +203,9 @@ class _Route:
     The reader task accounts for output here, before anything is queued, so an execution holds at
     most `limit` bytes however fast output arrives and however slowly (or never) it is consumed.
     Past the limit, output is counted and dropped; the request is still followed to its idle status.
+
+    Queue items: ("stream", name, text), ("output", msg_type, Output), ("clear", wait),
+    ("error", ErrorInfo), ("marker", text), ("idle", None), or a `_Terminal`.
     """
 
     def __init__(self, msg_id: str, limit: int | None, cap_name: int | None, raw: bool) -> None:
@@ -231,7 +222,17 @@ class _Route:
         self.held = False  # a suspect whose idle came while messages before it are still missing
         self.finished = False
         self.error: tuple[str, str] | None = None
+        self.error_info: ErrorInfo | None = None
+        self.execution_count: int | None = None
+        self.started = time.monotonic()
+        self.ended: float | None = None
         self._carry = ""
+        self._carry_name = "stdout"
+        self._last_clear = False  # the last item queued was a clear_output
+
+    @property
+    def duration(self) -> float:
+        return (time.monotonic() if self.ended is None else self.ended) - self.started
 
     def deliver(self, message: dict[str, Any]) -> bool:
         """Account for and queue one message; True once the request has reached idle."""
@@ -241,17 +242,20 @@ class _Route:
         msg_type = message["msg_type"]
         content = message["content"]
         if msg_type == "stream":
-            self._text(str(content.get("text", "")), stream=True)
-        elif msg_type in ("execute_result", "display_data"):
-            data = content.get("data") or {}
-            if "image/png" in data:
-                self._image(str(data["image/png"]))
-            elif "text/plain" in data:
-                text = str(data["text/plain"])
-                self._text(text if text.endswith("\n") else text + "\n", stream=False)
+            self._stream(str(content.get("name", "stdout")), str(content.get("text", "")))
+        elif msg_type in ("execute_result", "display_data", "update_display_data"):
+            self._flush_carry()
+            self._output(msg_type, output_from_content(content, msg_type))
+        elif msg_type == "clear_output":
+            self._flush_carry()
+            self._clear(bool(content.get("wait")))
         elif msg_type == "error":
-            trace = _strip_escapes("\n".join(str(line) for line in content.get("traceback", [])))
-            self.error = (_strip_escapes(f"{content.get('ename', 'Error')}: {content.get('evalue', '')}"), trace)
+            self._flush_carry()
+            self._error(error_info(content))
+        elif msg_type in ("execute_input", "execute_reply"):
+            count = content.get("execution_count")
+            if self.execution_count is None and isinstance(count, int) and not isinstance(count, bool):
+                self.execution_count = count
         elif msg_type == "status" and content.get("execution_state") == "idle":
             # The end of an execution is the kernel's idle status for its request, not the
             # execute_reply: output may still follow the reply.
@@ -262,6 +266,7 @@ class _Route:
     def finish(self) -> None:
         if not self.finished:
             self.finished = True
+            self.ended = time.monotonic()
             self._flush_carry()
             self.queue.put_nowait(_IDLE)
 
@@ -269,99 +274,181 @@ class _Route:
         self.dropped += size
         if not self.truncated:
             self.truncated = True
-            self.queue.put_nowait(
-                ("marker", f"\n[output truncated: output past max_output_bytes={self.cap_name} is dropped]\n")
-            )
+            self._put(("marker", f"\n[output truncated: output past max_output_bytes={self.cap_name} is dropped]\n"))
 
     def marker(self) -> str:
         at_least = "at least " if self.lost else ""
         return f"[output truncated: {at_least}{self.dropped:,} bytes dropped past max_output_bytes={self.cap_name}]"
 
+    def _put(self, item: tuple[Any, ...]) -> None:
+        self._last_clear = item[0] == "clear"
+        self.queue.put_nowait(item)
+
     def _room(self) -> int | None:
         return None if self.limit is None else self.limit - self.used
 
-    def _text(self, text: str, stream: bool) -> None:
+    def _fits(self, size: int) -> bool:
+        room = self._room()
+        return room is None or size + _ITEM_OVERHEAD <= room
+
+    def _stream(self, name: str, text: str) -> None:
         if self._carry:
-            if stream:
+            if name == self._carry_name:
                 text = self._carry + text
                 self._carry = ""
             else:
                 self._flush_carry()
-        if stream:
-            text, self._carry = _split_unfinished_escape(text)
-        self._keep_text(_strip_escapes(text))
+        text, self._carry = split_unfinished_escape(text)
+        self._carry_name = name
+        self._keep_text(name, strip_escapes(text))
 
     def _flush_carry(self) -> None:
         carry, self._carry = self._carry, ""
         if carry:
-            self._keep_text(_strip_escapes(carry))
+            self._keep_text(self._carry_name, strip_escapes(carry))
 
-    def _keep_text(self, text: str) -> None:
+    def _keep_text(self, name: str, text: str) -> None:
         if not text:
             return
         size = _utf8_size(text)
-        room = self._room()
-        if room is None or size + _ITEM_OVERHEAD <= room:
+        if self._fits(size):
             self.used += size + _ITEM_OVERHEAD
-            self.queue.put_nowait(("text", text))
+            self._put(("stream", name, text))
             return
-        head = _utf8_head(text, room - _ITEM_OVERHEAD) if room > _ITEM_OVERHEAD else ""
+        head = self._head(text)
         if head:
             kept = _utf8_size(head)
             self.used += kept + _ITEM_OVERHEAD
-            self.queue.put_nowait(("text", head))
+            self._put(("stream", name, head))
             size -= kept
         self.drop(size)
 
-    def _image(self, encoded: str) -> None:
-        size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
+    def _head(self, text: str) -> str:
+        """The longest head of `text` that fits the room left."""
         room = self._room()
-        if room is None or size + _ITEM_OVERHEAD <= room:
-            data = base64.b64decode(encoded)
-            self.used += len(data) + _ITEM_OVERHEAD
-            self.queue.put_nowait(("image", data))
+        if room is None:
+            return text
+        return _utf8_head(text, room - _ITEM_OVERHEAD) if room > _ITEM_OVERHEAD else ""
+
+    def _output(self, msg_type: str, output: Output) -> None:
+        """A MIME bundle is kept whole when it fits. One that does not fit is reduced to (the head of)
+        its text/plain, marked `truncated`, unless it carries an image or is an update: those are
+        dropped whole."""
+        size = _bundle_size(output)
+        if self._fits(size):
+            self.used += size + _ITEM_OVERHEAD
+            self._put(("output", msg_type, output))
+            return
+        plain = output.data.get("text/plain")
+        image = any(mime in output.data for mime in IMAGE_TYPES)
+        head = "" if image or msg_type == "update_display_data" or not isinstance(plain, str) else self._head(plain)
+        if head:
+            kept = _utf8_size(head)
+            self.used += kept + _ITEM_OVERHEAD
+            self._put(
+                ("output", msg_type, dataclasses.replace(output, data={"text/plain": head}, metadata={}, truncated=True))
+            )
+            size -= kept
+        self.drop(size)
+
+    def _clear(self, wait: bool) -> None:
+        if self._fits(0):
+            self.used += _ITEM_OVERHEAD
+            self._put(("clear", wait))
+        elif not self._last_clear:
+            # Past the cap a clear is still applied (it only shrinks what is shown); consecutive
+            # ones are queued once, so a flood of them cannot grow the queue.
+            self._put(("clear", wait))
+
+    def _error(self, info: ErrorInfo) -> None:
+        first = self.error_info is None
+        self.error_info = info
+        self.error = (f"{info.name}: {info.value}", info.traceback)
+        size = _utf8_size(info.traceback) + _utf8_size(info.value)
+        if first or self._fits(size):
+            # A request has one error; its event is always queued. Further ones (only code that
+            # forges kernel messages sends them) are accounted like any output.
+            self.used += size + _ITEM_OVERHEAD
+            self._put(("error", info))
         else:
             self.drop(size)
 
 
+def _bundle_size(output: Output) -> int:
+    """The bytes a MIME bundle is charged: images decoded, text as UTF-8, JSON values as JSON."""
+    size = 0
+    for mime, value in output.data.items():
+        size += len(mime)
+        if isinstance(value, str):
+            size += _b64_size(value) if mime in IMAGE_TYPES else _utf8_size(value)
+        else:
+            size += len(json.dumps(value, separators=(",", ":"), default=str))
+    if output.metadata:
+        size += len(json.dumps(output.metadata, separators=(",", ":"), default=str))
+    return size
+
+
+def _b64_size(encoded: str) -> int:
+    return len(encoded) * 3 // 4 - encoded[-2:].count("=")
+
+
 class Execution:
-    """A submitted execution. Read its output with `stream()` or wait for `result()`."""
+    """A submitted execution. Read its output with `stream()` or `events()`, or wait for `result()`."""
 
     def __init__(self, client: ExecutionClient, route: _Route) -> None:
         self._client = client
         self._route = route
         self._msg_id = route.msg_id
         self._queue = route.queue
+        # The text lists share their strings: `_chunks` is all text in order (for `text`).
         self._chunks: list[str] = []
+        self._stdout: list[str] = []
+        self._stderr: list[str] = []
         self._images: list[Image.Image] = []
+        self._area = OutputArea()
         self._error: Exception | None = None
         self._done = False
+        self._reader: str | None = None  # "stream" or "events": the one that reads this execution
 
     @property
     def msg_id(self) -> str:
         """The id of the `execute_request` (the `parent_header.msg_id` of its output)."""
         return self._msg_id
 
-    async def result(self, timeout: float = 120) -> ExecutionResult:
+    async def result(self, timeout: float = 120, *, raise_on_error: bool = True) -> ExecutionResult:
         """Wait for the execution to finish and return its output.
 
         Args:
             timeout: Seconds to wait, counted from this call. On expiry the kernel is interrupted
                 (it keeps its state); if the code does not stop within a grace period, the kernel is
                 restarted (its state is lost). Then `TimeoutError` is raised.
+            raise_on_error: When the code raised: True raises `ExecutionError`; False returns the
+                result with `error` set (name, value, traceback).
 
         Raises:
-            ExecutionError: The code raised an exception.
+            ExecutionError: The code raised an exception (only with `raise_on_error=True`).
             TimeoutError: The execution did not finish within `timeout`.
             KernelDiedError: The kernel died while executing.
             ServerConnectionError: The connection to the container was lost.
         """
-        async for _ in self.stream(timeout=timeout):
+        async for _ in self._pump(timeout):
             pass
+        failed = isinstance(self._error, ExecutionError)
+        if self._error is not None and (raise_on_error or not failed):
+            raise self._error
         route = self._route
         text = _join_stripped(self._chunks, route.marker() if route.truncated else "")
         return ExecutionResult(
-            text=text or None, images=list(self._images), truncated=route.truncated, dropped_bytes=route.dropped
+            text=text or None,
+            images=list(self._images),
+            truncated=route.truncated,
+            dropped_bytes=route.dropped,
+            stdout="".join(self._stdout),
+            stderr="".join(self._stderr),
+            outputs=self._area.outputs,
+            execution_count=route.execution_count,
+            duration=route.duration,
+            error=route.error_info if failed else None,
         )
 
     async def stream(self, timeout: float = 120) -> AsyncIterator[str]:
@@ -369,40 +456,92 @@ class Execution:
 
         Images are collected for `result()`. When output starts to be dropped (past
         `max_output_bytes`), a marker line saying so is yielded once. Raises as `result()` does,
-        after yielding the output that arrived before the failure.
+        after yielding the output that arrived before the failure. An execution is read with
+        either `stream()` or `events()`, not both; `result()` may follow either.
         """
+        self._claim("stream")
+        async for text, _ in self._pump(timeout):
+            if text:
+                yield text
+        if self._error is not None:
+            raise self._error
+
+    async def events(self, timeout: float = 120) -> AsyncIterator[Event]:
+        """Yield typed events in arrival order: `Stdout`, `Stderr`, `Display`, `Result`, `Error`, `Clear`.
+
+        The code's exception is the `Error` event, not raised here (`result()` raises it afterwards
+        unless `raise_on_error=False`). Output dropped past `max_output_bytes` yields no event
+        (`result().truncated` says so). Raises `TimeoutError`, `KernelDiedError` and
+        `ServerConnectionError` as `result()` does. An execution is read with either `stream()` or
+        `events()`, not both; `result()` may follow either.
+        """
+        self._claim("events")
+        async for _, event in self._pump(timeout):
+            if event is not None:
+                yield event
+        if self._error is not None and not isinstance(self._error, ExecutionError):
+            raise self._error
+
+    def _claim(self, reader: str) -> None:
+        if self._reader not in (None, reader):
+            raise InvalidStateError(
+                f"this execution is read with {self._reader}(); read an execution with either stream() or "
+                "events(), not both (result() may follow either)"
+            )
+        self._reader = reader
+
+    async def _pump(self, timeout: float) -> AsyncIterator[tuple[str | None, Event | None]]:
+        """Take queued items until the end; per item its text for `stream()` and its event."""
         deadline = time.monotonic() + timeout
         while not self._done:
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                event = await asyncio.wait_for(self._queue.get(), remaining)
+                item = await asyncio.wait_for(self._queue.get(), remaining)
             except TimeoutError:
                 await self._stop_after_timeout(timeout)
                 raise
-            text = self._handle(event)
-            if text:
-                yield text
-        if self._error is not None:
-            raise self._error
+            yield self._handle(item)
 
-    def _handle(self, event: Any) -> str | None:
-        if isinstance(event, _Terminal):
-            self._finish(event.error)
-            return None
-        kind, value = event
-        if kind == "text":
-            self._chunks.append(value)
-            return str(value)
-        if kind == "image":
-            self._images.append(Image.open(io.BytesIO(value)))
-        elif kind == "marker":
-            return str(value)
-        elif kind == "idle":
+    def _handle(self, item: Any) -> tuple[str | None, Event | None]:
+        if isinstance(item, _Terminal):
+            self._finish(item.error)
+            return None, None
+        kind = item[0]
+        if kind == "stream":
+            _, name, text = item
+            self._chunks.append(text)
+            (self._stderr if name == "stderr" else self._stdout).append(text)
+            return text, self._area.stream(name, text)
+        if kind == "output":
+            _, msg_type, output = item
+            if msg_type == "update_display_data":
+                self._area.update(output)
+                self._client._update_displays(output, self._area)
+                return None, Display(output, update=True)
+            text = None
+            if any(mime in output.data for mime in IMAGE_TYPES):
+                # An output with an image contributes its image, not its text (`<Figure ...>`).
+                image = decode_image(output)
+                if image is not None:
+                    self._images.append(image)
+                else:
+                    logger.debug("an image output of execution %s could not be decoded", self._msg_id)
+            elif (plain := output.text) is not None:
+                text = plain if plain.endswith("\n") else plain + "\n"
+                self._chunks.append(text)
+            return text, self._area.show(output)
+        if kind == "clear":
+            return None, self._area.clear(item[1])
+        if kind == "error":
+            return None, self._area.error(item[1])
+        if kind == "marker":
+            return str(item[1]), None
+        if kind == "idle":
             error = self._route.error
             self._finish(None if error is None else ExecutionError(error[0], error[1], self._client._kernel_id))
-        return None
+        return None, None
 
     def _finish(self, error: Exception | None) -> None:
         self._done = True
@@ -496,6 +635,7 @@ class ExecutionClient:
         self.max_output_bytes = _check_limit(max_output_bytes)
         self._token = token
         self._base_url = f"http://{host}:{port}"
+        self._via = "published port"  # or the direct route connect() found (ipybox._routes)
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -704,26 +844,26 @@ class ExecutionClient:
         )
 
     async def _create_kernel_direct(self, headers: dict[str, str]) -> str | None:
-        """Create the kernel over the container's own address (see ipybox._routes); None when that fails.
+        """Create the kernel over a direct route to the container (ipybox._routes); None when there is none.
 
-        One try with a short connect timeout: an address that does not answer costs at most a second,
-        then the published port is used. On success the session stays on the direct address, for the
-        websocket and every later request.
+        The gateway's unix socket first, then the container's own address; one try each with a short
+        connect timeout, then the published port is used. On success the session stays on that route,
+        for the websocket and every later request.
         """
-        direct = _routes.direct_url(self.host, self.port, EXECUTOR_PORT)
-        if direct is None:
-            return None
-        session = aiohttp.ClientSession(direct, headers=headers, timeout=_DIRECT_TIMEOUT)
-        self._session, published = session, self._base_url
-        self._base_url = direct
-        try:
-            return await self._create_kernel(1, 0)
-        except AuthenticationError:
-            raise
-        except ServerConnectionError as exc:
-            logger.debug("direct route %s failed (%s); using the published port", direct, exc)
-        self._session, self._base_url = None, published
-        await session.close()
+        for base_url, connector, route in _routes.direct_sessions(self.host, self.port, EXECUTOR_PORT):
+            session = aiohttp.ClientSession(base_url, headers=headers, timeout=_DIRECT_TIMEOUT, connector=connector)
+            self._session, published = session, self._base_url
+            self._base_url = base_url
+            try:
+                kernel_id = await self._create_kernel(1, 0)
+                self._via = route
+                return kernel_id
+            except AuthenticationError:
+                raise
+            except ServerConnectionError as exc:
+                logger.debug("direct route %s failed (%s); trying the next", route, exc)
+            self._session, self._base_url = None, published
+            await session.close()
         return None
 
     async def _create_kernel(self, retries: int, retry_interval: float) -> str:

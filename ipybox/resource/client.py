@@ -51,6 +51,7 @@ class ResourceClient:
         self.connect_retry_interval = connect_retry_interval
         self._token = token
         self._base_url = f"http://{host}:{port}"
+        self._via = "published port"  # or the direct route connect() found (ipybox._routes)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ResourceClient:
@@ -76,20 +77,20 @@ class ResourceClient:
             return
         token = self._token or _tokens.lookup(self.host, self.port)
         headers = {"Authorization": f"token {token}"} if token else {}
-        if direct := _routes.direct_url(self.host, self.port, RESOURCE_PORT):
-            # The container's own address, around docker-proxy (see ipybox._routes); one quick try.
-            self._session = aiohttp.ClientSession(direct, headers=headers)
+        # Direct routes around docker-proxy and the bridge first (see ipybox._routes); one quick try each.
+        for base_url, connector, route in _routes.direct_sessions(self.host, self.port, RESOURCE_PORT):
+            self._session = aiohttp.ClientSession(base_url, headers=headers, connector=connector)
             try:
                 with connection_errors("status check"):
                     async with self._session.get("/status", timeout=_DIRECT_TIMEOUT) as response:
                         await raise_for_response(response, "status check")
-                self._base_url = direct
+                self._base_url, self._via = base_url, route
                 return
             except AuthenticationError:
                 await self.disconnect()
                 raise
             except (ServerConnectionError, ResourceError, aiohttp.ClientError, TimeoutError) as exc:
-                logger.debug("direct route %s failed (%s); using the published port", direct, exc)
+                logger.debug("direct route %s failed (%s); trying the next", route, exc)
                 await self.disconnect()
             except BaseException:
                 await self.disconnect()

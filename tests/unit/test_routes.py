@@ -36,3 +36,25 @@ def test_record_lookup_and_forget_by_loopback_name() -> None:
     finally:
         _routes.forget("127.0.0.1", [40001, 40002])
     assert _routes.direct_url("localhost", 40001, 8888) is None
+
+
+def test_a_socket_route_is_used_only_while_its_pid_belongs_to_the_container(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    # This test process stands in for the container's init: its root is "/", so the socket path is
+    # looked up as /proc/<pid>/root<path>.
+    socket_file = tmp_path / "executor.sock"
+    socket_file.write_text("")
+    cgroup = open(f"/proc/{os.getpid()}/cgroup").read()
+    name = next((part for part in cgroup.replace("\n", "/").split("/") if len(part) >= 12), None)
+    info = {"Id": name or "no-such-container-id", "State": {"Pid": os.getpid()}}
+    _routes.record("127.0.0.1", {8888: 40011}, info, {8888: str(socket_file)})
+    try:
+        if name is not None:
+            assert _routes.unix_socket("localhost", 40011, 8888) == f"/proc/{os.getpid()}/root{socket_file}"
+        # A pid whose cgroup does not name the container (reused by another process): no route.
+        _routes._sockets[(("localhost", 40011), 8888)] = (str(socket_file), os.getpid(), "0" * 64)
+        assert _routes.unix_socket("localhost", 40011, 8888) is None
+    finally:
+        _routes.forget("127.0.0.1", [40011])
+    assert _routes.unix_socket("localhost", 40011, 8888) is None

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from tornado import httputil
 from tornado import web as tornado_web
+from tornado.netutil import bind_unix_socket
 from traitlets.config import Config
 
 from ipybox_server import origin, prewarm, resource
@@ -21,6 +22,8 @@ from ipybox_server import origin, prewarm, resource
 EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900
 READY_LINE = "IPYBOX_READY"
+EXECUTOR_SOCKET = "/run/ipybox/executor.sock"
+RESOURCE_SOCKET = "/run/ipybox/resource.sock"
 
 
 def gateway_config(token: str) -> Config:
@@ -79,7 +82,20 @@ async def start_resource_server(token: str, allowed_hosts: frozenset[str]) -> No
     runner = web.AppRunner(resource.create_app(token, allowed_hosts), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", RESOURCE_PORT).start()
+    await web.UnixSite(runner, RESOURCE_SOCKET).start()
+    os.chmod(RESOURCE_SOCKET, 0o600)
     print(READY_LINE, flush=True)
+
+
+def listen_on_unix_socket(http_server: Any) -> None:
+    """Serve the gateway on EXECUTOR_SOCKET as well as on its TCP port.
+
+    A host client of the same machine connects to the socket through the container's root
+    (/proc/<pid>/root/...), around the bridge, its firewall rules and docker-proxy: no TCP, veth or
+    netfilter on the path of each message. The socket lives in /run/ipybox (0700, the sandbox user's),
+    inside the container, so nothing is mounted from the host. The secret is required as on the port.
+    """
+    http_server.add_socket(bind_unix_socket(EXECUTOR_SOCKET, mode=0o600))
 
 
 def main(token: str) -> None:
@@ -103,6 +119,7 @@ def main(token: str) -> None:
 
     def schedule() -> None:
         # Runs once the loop is up; by then the gateway's socket is bound (start() binds first).
+        listen_on_unix_socket(app.http_server)
         app.kernel_manager.prestart()
         task = asyncio.ensure_future(start_resource_server(token, allowed_hosts))
         task.add_done_callback(on_resource_started)
