@@ -158,3 +158,18 @@ async def test_sandbox_close_is_idempotent_and_errors_still_raise(image: str) ->
         await sandbox.close()
         await sandbox.close()
         assert sandbox.closed and not sandbox.healthy()
+
+
+async def test_firewall_is_applied_before_hand_out(image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    applied: list[tuple[str | None, list[str] | None]] = []
+    original = ExecutionContainer.init_firewall
+
+    async def recording(self: ExecutionContainer, allowed_domains: list[str] | None = None) -> None:
+        await original(self, allowed_domains)
+        applied.append((self.container_id, allowed_domains))
+
+    monkeypatch.setattr(ExecutionContainer, "init_firewall", recording)
+    # An allow-list of a TEST-NET range: rules are installed, nothing is sent anywhere.
+    async with _pool(image, 1, firewall=["198.51.100.0/24"]) as pool, pool.sandbox() as sandbox:
+        assert (sandbox.container.container_id, ["198.51.100.0/24"]) in applied
+        assert (await sandbox.client.execute("print('behind the firewall')")).text == "behind the firewall"
