@@ -26,6 +26,7 @@ from ipybox._errors import (
 from ipybox._version import __version__
 from ipybox.container import DEFAULT_TAG, ExecutionContainer
 from ipybox.executor import Execution, ExecutionClient, ExecutionResult
+from ipybox.outputs import Clear, Display, Error, ErrorInfo, Event, Output, Result, Stderr, Stdout
 from ipybox.pool import Sandbox, SandboxPool
 from ipybox.resource.client import ResourceClient
 
@@ -34,10 +35,15 @@ __all__ = [
     "ArchiveError",
     "AuthenticationError",
     "BuildError",
+    "Clear",
     "ContainerError",
     "ContainerStartError",
     "DependencyFileError",
+    "Display",
     "DockerUnavailableError",
+    "Error",
+    "ErrorInfo",
+    "Event",
     "Execution",
     "ExecutionClient",
     "ExecutionContainer",
@@ -52,12 +58,16 @@ __all__ = [
     "IpyboxError",
     "KernelDiedError",
     "KernelError",
+    "Output",
     "RemoteFileNotFoundError",
     "RemotePathError",
     "ResourceClient",
     "ResourceError",
+    "Result",
     "Sandbox",
     "SandboxPool",
     "ServerConnectionError",
+    "Stderr",
+    "Stdout",
     "__version__",
 ]

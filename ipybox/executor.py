@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+import collections
+import contextlib
+import dataclasses
 import enum
-import io
+import json
 import logging
+import os
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +21,10 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import nbformat
 from PIL import Image
 
 from ipybox import _routes, _tokens, _wire
-from ipybox._escapes import split_unfinished_escape, strip_escapes
 from ipybox._errors import (
     AuthenticationError,
     ExecutionError,
@@ -30,12 +34,26 @@ from ipybox._errors import (
     KernelDiedError,
     ServerConnectionError,
 )
+from ipybox._escapes import split_unfinished_escape, strip_escapes
 from ipybox._labels import EXECUTOR_PORT
+from ipybox.outputs import (
+    IMAGE_TYPES,
+    Display,
+    ErrorInfo,
+    Event,
+    Output,
+    OutputArea,
+    decode_image,
+    error_info,
+    output_from_content,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 2**20
 """Default cap on the output one execution keeps in client memory."""
+DEFAULT_MAX_HISTORY = 100
+"""Default number of executions a client remembers for `export_notebook()`."""
 
 _INTERRUPT_GRACE = 5.0
 """Seconds an interrupted execution gets to reach idle before the kernel is restarted."""
@@ -226,8 +244,7 @@ class _Route:
         self.execution_count: int | None = None
         self.started = time.monotonic()
         self.ended: float | None = None
-        self._carry = ""
-        self._carry_name = "stdout"
+        self._carry: dict[str, str] = {}  # per stream: an escape sequence cut at the end of its last chunk
         self._last_clear = False  # the last item queued was a clear_output
 
     @property
@@ -292,20 +309,18 @@ class _Route:
         return room is None or size + _ITEM_OVERHEAD <= room
 
     def _stream(self, name: str, text: str) -> None:
-        if self._carry:
-            if name == self._carry_name:
-                text = self._carry + text
-                self._carry = ""
-            else:
-                self._flush_carry()
-        text, self._carry = split_unfinished_escape(text)
-        self._carry_name = name
+        carry = self._carry.pop(name, "")
+        text, held = split_unfinished_escape(carry + text if carry else text)
+        if held:
+            self._carry[name] = held
         self._keep_text(name, strip_escapes(text))
 
     def _flush_carry(self) -> None:
-        carry, self._carry = self._carry, ""
-        if carry:
-            self._keep_text(self._carry_name, strip_escapes(carry))
+        """Any other output ends the held escape sequences: what is held is stripped and kept."""
+        if self._carry:
+            carries, self._carry = self._carry, {}
+            for name, carry in carries.items():
+                self._keep_text(name, strip_escapes(carry))
 
     def _keep_text(self, name: str, text: str) -> None:
         if not text:
@@ -345,9 +360,8 @@ class _Route:
         if head:
             kept = _utf8_size(head)
             self.used += kept + _ITEM_OVERHEAD
-            self._put(
-                ("output", msg_type, dataclasses.replace(output, data={"text/plain": head}, metadata={}, truncated=True))
-            )
+            reduced = dataclasses.replace(output, data={"text/plain": head}, metadata={}, truncated=True)
+            self._put(("output", msg_type, reduced))
             size -= kept
         self.drop(size)
 
@@ -375,14 +389,22 @@ class _Route:
 
 
 def _bundle_size(output: Output) -> int:
-    """The bytes a MIME bundle is charged: images decoded, text as UTF-8, JSON values as JSON."""
+    """The bytes a MIME bundle is charged: images decoded, text as UTF-8, JSON values as JSON.
+
+    text/plain and images are charged as they always were (text/plain with the newline `text` gives
+    it, images at their decoded size), so `dropped_bytes` keeps its meaning for them; the names of
+    other MIME types count too, so a bundle of many empty types cannot slip past the cap.
+    """
     size = 0
     for mime, value in output.data.items():
-        size += len(mime)
-        if isinstance(value, str):
-            size += _b64_size(value) if mime in IMAGE_TYPES else _utf8_size(value)
+        if mime == "text/plain" and isinstance(value, str):
+            size += _utf8_size(value) + (0 if value.endswith("\n") else 1)
+        elif mime in IMAGE_TYPES and isinstance(value, str):
+            size += _b64_size(value)
+        elif isinstance(value, str):
+            size += len(mime) + _utf8_size(value)
         else:
-            size += len(json.dumps(value, separators=(",", ":"), default=str))
+            size += len(mime) + len(json.dumps(value, separators=(",", ":"), default=str))
     if output.metadata:
         size += len(json.dumps(output.metadata, separators=(",", ":"), default=str))
     return size
@@ -606,10 +628,13 @@ class ExecutionClient:
             detected and pending executions fail instead of hanging.
         token: The container's secret. Found automatically for containers started by this user
             on this machine; pass it explicitly for a container started elsewhere.
-        max_output_bytes: Text and image bytes one execution keeps (each output also counts 64
-            bytes of bookkeeping); output past it is counted and dropped, and the result says so.
-            A single websocket message larger than this (plus 1 MiB) is never read into memory.
-            None: no limit. Override per call in `execute()` and `submit()`.
+        max_output_bytes: Output bytes one execution keeps: text, images and rich outputs (each
+            output also counts 64 bytes of bookkeeping); output past it is counted and dropped, and
+            the result says so. A single websocket message larger than this (plus 1 MiB) is never
+            read into memory. None: no limit. Override per call in `execute()` and `submit()`.
+        max_history: Executions remembered for `export_notebook()`, the newest ones (0: none).
+            Older ones are also forgotten once the executions before the newest hold more than
+            `max_output_bytes` of output.
 
     Example:
         ```python
@@ -628,7 +653,10 @@ class ExecutionClient:
         *,
         token: str | None = None,
         max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
+        max_history: int = DEFAULT_MAX_HISTORY,
     ) -> None:
+        if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0:
+            raise ValueError(f"max_history must be an int >= 0, not {max_history!r}")
         self.port = port
         self.host = host
         self.heartbeat_interval = heartbeat_interval
@@ -654,6 +682,9 @@ class ExecutionClient:
         self._last_counter = -1
         self._window: _CutWindow | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self.max_history = max_history
+        self._history: collections.deque[_Cell] = collections.deque()
+        self._history_dropped = 0  # executions forgotten by the history's limits
 
     @property
     def kernel_id(self) -> str:
@@ -736,7 +767,12 @@ class ExecutionClient:
                 await session.close()
 
     async def execute(
-        self, code: str, timeout: float = 120, *, max_output_bytes: int | None | _Unset = _UNSET
+        self,
+        code: str,
+        timeout: float = 120,
+        *,
+        max_output_bytes: int | None | _Unset = _UNSET,
+        raise_on_error: bool = True,
     ) -> ExecutionResult:
         """Execute code and return its output.
 
@@ -746,14 +782,17 @@ class ExecutionClient:
                 the code ignores the interrupt for 5 s, the kernel is restarted (its state is lost).
                 Then `TimeoutError` is raised; its message says which happened.
             max_output_bytes: This execution's output cap; default: the client's. None: no limit.
+            raise_on_error: When the code raised: True raises `ExecutionError`; False returns the
+                result with `error` set (name, value, traceback).
 
         Raises:
-            ExecutionError: The code raised an exception (`.message`, `.trace`).
+            ExecutionError: The code raised an exception (`.message`, `.trace`), with
+                `raise_on_error=True`.
             TimeoutError: The execution did not finish within `timeout`.
             KernelDiedError: The kernel died while executing.
         """
         execution = await self.submit(code, max_output_bytes=max_output_bytes)
-        return await execution.result(timeout=timeout)
+        return await execution.result(timeout=timeout, raise_on_error=raise_on_error)
 
     async def submit(self, code: str, *, max_output_bytes: int | None | _Unset = _UNSET) -> Execution:
         """Send code for execution and return at once; read output from the returned Execution.
@@ -795,11 +834,43 @@ class ExecutionClient:
                 "stop_on_error": True,
             },
         )
-        return Execution(self, route)
+        execution = Execution(self, route)
+        self._remember(code, execution)
+        return execution
 
     async def interrupt(self) -> None:
-        """Interrupt the kernel's current execution (like Ctrl-C); the kernel keeps its state."""
+        """Interrupt the kernel's current execution (like Ctrl-C); the kernel keeps its state.
+
+        The interrupted execution ends with a `KeyboardInterrupt` error (`ExecutionError`, or its
+        result's `error` with `raise_on_error=False`). Executions queued behind it still run.
+        """
         await self._kernel_action("interrupt", "interrupting", aiohttp.ClientTimeout(total=30))
+
+    async def reset(self) -> None:
+        """Restart the kernel: a fresh interpreter in the same container; returns once it answers.
+
+        Variables and imports are gone; files in the container stay. Executions still pending fail
+        with `KernelDiedError`. The history for `export_notebook()` is kept (execution counts start
+        again at 1).
+
+        Raises:
+            RuntimeError: The client is not connected.
+            ServerConnectionError: The restart request failed.
+            KernelDiedError: The kernel did not come back.
+        """
+        await self._restart("was reset (ExecutionClient.reset())")
+
+    async def export_notebook(self, path: str | os.PathLike[str]) -> None:
+        """Write the executions this client ran as a Jupyter notebook (`.ipynb`, nbformat 4).
+
+        One code cell per execution, in submission order, with its execution count and its outputs
+        as Jupyter shows them (streams, rich outputs with updates and clears applied, the error).
+        An execution still running, or whose output was not read yet, has the outputs read so far.
+        Only the newest `max_history` executions are remembered (see `ExecutionClient`); a leading
+        markdown cell says how many were forgotten. Works after `disconnect()` as well.
+        """
+        notebook = self._notebook()
+        await asyncio.to_thread(_write_notebook, notebook, os.fspath(path))
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -815,14 +886,19 @@ class ExecutionClient:
 
     async def _restart_after_timeout(self) -> None:
         """Restart a kernel that ignored an interrupt and wait until it answers again."""
+        await self._restart("was restarted after an execution timed out and ignored the interrupt")
+
+    async def _restart(self, why: str) -> None:
+        """Restart the kernel through the gateway and wait until it answers again."""
+        if self._session is None or self._kernel_id is None:
+            raise InvalidStateError("ExecutionClient is not connected: call connect() first")
         # Until the kernel answers again, new submissions wait for the restart lock and nudge.
         self._kernel_restarted = True
         async with self._restart_lock:
-            # Requests queued behind the runaway one die with the old kernel.
+            # Pending requests (those queued behind a runaway one, say) die with the old kernel.
             self._fail_pending(
                 KernelDiedError(
-                    f"kernel {self._kernel_id} was restarted after an execution timed out and ignored the "
-                    "interrupt; its state (variables, imports) is lost",
+                    f"kernel {self._kernel_id} {why}; its state (variables, imports) is lost",
                     self._kernel_id,
                 )
             )
@@ -1257,6 +1333,87 @@ class ExecutionClient:
 
     def _forget(self, msg_id: str) -> None:
         self._pending.pop(msg_id, None)
+
+    # -- history for export_notebook() ------------------------------------------------------------
+
+    def _remember(self, code: str, execution: Execution) -> None:
+        """Add an execution to the history, then forget the oldest beyond the history's limits.
+
+        The history holds each execution's output area (output already accounted against the
+        execution's cap), never the Execution itself. Beyond `max_history` executions, and while the
+        executions before the newest hold more than `max_output_bytes`, the oldest are forgotten.
+        """
+        if self.max_history == 0:
+            self._history_dropped += 1
+            return
+        self._history.append(_Cell(code, execution._route, execution._area))
+        budget = self.max_output_bytes
+        older = sum(cell.route.used for cell in self._history) - self._history[-1].route.used
+        while len(self._history) > self.max_history or (
+            budget is not None and len(self._history) > 1 and older > budget
+        ):
+            forgotten = self._history.popleft()
+            older -= forgotten.route.used
+            self._history_dropped += 1
+
+    def _update_displays(self, output: Output, area: OutputArea) -> None:
+        """An update_display_data also updates that display in earlier executions, as Jupyter does."""
+        for cell in self._history:
+            if cell.area is not area:
+                cell.area.update(output)
+
+    def _notebook(self) -> nbformat.NotebookNode:
+        v4: Any = nbformat.v4  # nbformat's functions carry no annotations
+        nbformat_from_dict: Any = nbformat.from_dict
+        cells = []
+        if self._history_dropped:
+            cells.append(
+                v4.new_markdown_cell(
+                    f"*{self._history_dropped} earlier execution(s) of this client are not in this notebook: "
+                    f"the client remembers the newest {self.max_history} (ExecutionClient max_history) and "
+                    "forgets older ones once they hold more than max_output_bytes of output.*"
+                )
+            )
+        for cell in self._history:
+            cells.append(
+                v4.new_code_cell(
+                    source=cell.code,
+                    execution_count=cell.route.execution_count,
+                    outputs=nbformat_from_dict(cell.area.nbformat()),
+                )
+            )
+        notebook: nbformat.NotebookNode = v4.new_notebook(
+            cells=cells,
+            metadata={
+                "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+                "language_info": {"name": "python"},
+            },
+        )
+        return notebook
+
+
+@dataclass
+class _Cell:
+    """One execution in the history: its code, its route (count, output size), its output area."""
+
+    code: str
+    route: _Route
+    area: OutputArea
+
+
+def _write_notebook(notebook: nbformat.NotebookNode, path: str) -> None:
+    """Write atomically: a temporary file next to `path`, then renamed over it."""
+    text: str = nbformat.writes(notebook)  # type: ignore[no-untyped-call]
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".ipybox-", suffix=".ipynb", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _outcome_unknown(why: str, kernel_id: str | None) -> ExecutionOutcomeUnknownError:

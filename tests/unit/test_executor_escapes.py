@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from ipybox.executor import _split_unfinished_escape, _strip_escapes
+from ipybox._escapes import split_unfinished_escape as _split_unfinished_escape
+from ipybox._escapes import strip_escapes as _strip_escapes
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 from ipybox.executor import _ITEM_OVERHEAD, _join_stripped, _Route
+from ipybox.outputs import ErrorInfo, Output
 
 
 def stream(text: str) -> dict[str, Any]:
@@ -19,11 +20,16 @@ def display(data: dict[str, str]) -> dict[str, Any]:
 IDLE = {"msg_type": "status", "content": {"execution_state": "idle"}}
 
 
-def drain(route: _Route) -> list[tuple[str, Any]]:
+def drain(route: _Route) -> list[tuple[Any, ...]]:
     items = []
     while not route.queue.empty():
         items.append(route.queue.get_nowait())
     return items
+
+
+def texts(items: list[tuple[Any, ...]]) -> list[str]:
+    """The stream text of queued items."""
+    return [item[2] for item in items if item[0] == "stream"]
 
 
 def test_under_the_cap_everything_is_kept() -> None:
@@ -31,7 +37,11 @@ def test_under_the_cap_everything_is_kept() -> None:
     route.deliver(stream("hello\n"))
     route.deliver(display({"text/plain": "42"}))
     assert route.deliver(IDLE) is True
-    assert drain(route) == [("text", "hello\n"), ("text", "42\n"), ("idle", None)]
+    assert drain(route) == [
+        ("stream", "stdout", "hello\n"),
+        ("output", "display_data", Output({"text/plain": "42"})),
+        ("idle", None),
+    ]
     assert not route.truncated and route.dropped == 0
 
 
@@ -42,8 +52,8 @@ def test_past_the_cap_output_is_counted_not_queued() -> None:
         route.deliver(stream("x" * 1000))
     route.deliver(IDLE)
     items = drain(route)
-    kept = sum(len(value) for kind, value in items if kind == "text")
-    markers = [value for kind, value in items if kind == "marker"]
+    kept = sum(len(text) for text in texts(items))
+    markers = [item[1] for item in items if item[0] == "marker"]
     assert kept <= cap and route.used <= cap
     assert kept + route.dropped == 1_000_000
     assert len(markers) == 1 and "max_output_bytes=10000" in markers[0]
@@ -54,23 +64,24 @@ def test_past_the_cap_output_is_counted_not_queued() -> None:
 def test_the_message_that_crosses_the_cap_keeps_its_head() -> None:
     route = _Route("id", 100 + _ITEM_OVERHEAD, 100, raw=False)
     route.deliver(stream("a" * 150))
-    assert drain(route)[0] == ("text", "a" * 100)
+    assert drain(route)[0] == ("stream", "stdout", "a" * 100)
     assert route.dropped == 50
 
 
 def test_multibyte_text_is_counted_in_utf8_bytes_and_cut_on_a_character() -> None:
     route = _Route("id", 5 + _ITEM_OVERHEAD, 5, raw=False)
     route.deliver(stream("ééé"))  # 6 bytes
-    assert drain(route)[0] == ("text", "éé")
+    assert drain(route)[0] == ("stream", "stdout", "éé")
     assert route.dropped == 2
 
 
 def test_tiny_outputs_are_charged_their_bookkeeping() -> None:
-    route = _Route("id", 100 * (_ITEM_OVERHEAD + 2), 6600, raw=False)
+    size = 2  # text/plain is charged with the newline `text` gives it, as it always was
+    route = _Route("id", 100 * (_ITEM_OVERHEAD + size), 6600, raw=False)
     for i in range(1000):
         route.deliver(display({"text/plain": str(i % 10)}))
-    assert sum(1 for kind, _ in drain(route) if kind == "text") == 100
-    assert route.dropped == 900 * 2
+    assert sum(1 for item in drain(route) if item[0] == "output") == 100
+    assert route.dropped == 900 * size
 
 
 def test_images_count_and_are_dropped_whole() -> None:
@@ -79,14 +90,15 @@ def test_images_count_and_are_dropped_whole() -> None:
     for _ in range(3):
         route.deliver(display({"image/png": png, "text/plain": "<Figure>"}))
     items = drain(route)
-    assert [kind for kind, _ in items] == ["image", "image", "marker"]
-    assert route.dropped == 1000
+    assert [item[0] for item in items] == ["output", "output", "marker"]
+    # Decoded image bytes and the text (kept in `outputs`, not in `text`).
+    assert route.dropped == 1000 + len("<Figure>\n")
 
 
 def test_no_limit_keeps_everything() -> None:
     route = _Route("id", None, None, raw=False)
     route.deliver(stream("x" * 1_000_000))
-    assert not route.truncated and drain(route) == [("text", "x" * 1_000_000)]
+    assert not route.truncated and drain(route) == [("stream", "stdout", "x" * 1_000_000)]
 
 
 def test_errors_are_kept_aside_with_plain_traces() -> None:
@@ -98,7 +110,9 @@ def test_errors_are_kept_aside_with_plain_traces() -> None:
         }
     )
     assert route.error == ("ValueError: bad", "Trace")
-    assert drain(route) == []
+    assert route.error_info == ErrorInfo("ValueError", "bad", "Trace")
+    # The first error is queued as an event even past the cap.
+    assert drain(route) == [("error", ErrorInfo("ValueError", "bad", "Trace"))]
 
 
 def test_escape_split_between_stream_messages_is_held_and_stripped() -> None:
@@ -106,7 +120,7 @@ def test_escape_split_between_stream_messages_is_held_and_stripped() -> None:
     route.deliver(stream("a\x1b[3"))
     route.deliver(stream("1mb\x1b]0;unterminated"))
     route.deliver(IDLE)
-    assert [value for kind, value in drain(route) if kind == "text"] == ["a", "b"]
+    assert texts(drain(route)) == ["a", "b"]
 
 
 def test_join_stripped() -> None:
@@ -117,3 +131,83 @@ def test_join_stripped() -> None:
     assert _join_stripped(["\n", " a", "b ", "c\n", "\n"], "[m]") == "a" + "b " + "c\n[m]"
     chunks = ["  x\n", "y", " z  \n"]
     assert _join_stripped(chunks, "") == "".join(chunks).strip()
+
+
+def message(msg_type: str, **content: Any) -> dict[str, Any]:
+    return {"msg_type": msg_type, "content": content}
+
+
+def test_a_bundle_that_does_not_fit_keeps_the_head_of_its_text() -> None:
+    route = _Route("id", 50 + _ITEM_OVERHEAD, 50, raw=False)
+    route.deliver(display({"text/html": "<b>" + "h" * 200 + "</b>", "text/plain": "p" * 80}))
+    items = drain(route)
+    reduced = items[0][2]
+    assert reduced.data == {"text/plain": "p" * 50} and reduced.truncated
+    assert reduced.to_nbformat()["metadata"] == {"ipybox": {"truncated": True}}
+    assert items[1][0] == "marker"
+    assert route.used == 50 + _ITEM_OVERHEAD
+
+
+def test_updates_and_images_that_do_not_fit_are_dropped_whole() -> None:
+    route = _Route("id", 30 + _ITEM_OVERHEAD, 30, raw=False)
+    route.deliver(message("update_display_data", data={"text/plain": "u" * 100}, transient={"display_id": "d"}))
+    route.deliver(display({"image/jpeg": base64.b64encode(b"j" * 300).decode(), "text/plain": "<Image>"}))
+    assert [item[0] for item in drain(route)] == ["marker"]
+    assert route.used == 0
+
+
+def test_clears_are_charged_and_past_the_cap_queued_once() -> None:
+    route = _Route("id", 2 * _ITEM_OVERHEAD + 10, 138, raw=False)
+    route.deliver(message("clear_output", wait=True))
+    route.deliver(stream("x" * 500))
+    for _ in range(1000):
+        route.deliver(message("clear_output", wait=False))
+    kinds = [item[0] for item in drain(route)]
+    assert kinds == ["clear", "stream", "marker", "clear"]
+
+
+def test_each_stream_keeps_its_own_unfinished_escape() -> None:
+    route = _Route("id", None, None, raw=False)
+    route.deliver(message("stream", name="stdout", text="a\x1b[3"))
+    route.deliver(message("stream", name="stderr", text="err\n"))
+    route.deliver(message("stream", name="stdout", text="1mb"))
+    route.deliver(IDLE)
+    assert [(item[1], item[2]) for item in drain(route) if item[0] == "stream"] == [
+        ("stdout", "a"),
+        ("stderr", "err\n"),
+        ("stdout", "b"),
+    ]
+
+
+def test_execution_count_and_duration() -> None:
+    route = _Route("id", None, None, raw=False)
+    route.deliver(message("execute_input", code="1", execution_count=7))
+    route.deliver(message("execute_reply", status="ok", execution_count=8))
+    assert route.execution_count == 7
+    route.deliver(IDLE)
+    assert route.ended is not None and route.duration == route.ended - route.started >= 0
+
+
+def test_text_types_lose_their_escapes_in_the_bundle() -> None:
+    route = _Route("id", None, None, raw=False)
+    route.deliver(display({"text/plain": "\x1b[31mred\x1b[0m", "text/html": "<p>\x1b[1mx</p>"}))
+    output = drain(route)[0][2]
+    assert output.data == {"text/plain": "red", "text/html": "<p>x</p>"}
+
+
+def test_malformed_content_never_breaks_the_reader() -> None:
+    route = _Route("id", 1000, 1000, raw=False)
+    route.deliver(message("display_data", data=["not", "a", "dict"], metadata="nope", transient=5))
+    route.deliver(message("execute_result", data={"application/json": {"a": [1, 2]}}, execution_count="x"))
+    route.deliver(message("error", ename=None, evalue=3, traceback="one string"))
+    items = drain(route)
+    assert items[0][2] == Output({})
+    assert items[1][2].json == {"a": [1, 2]} and items[1][2].execution_count is None
+    assert items[2][1] == ErrorInfo("None", "3", "one string")
+
+
+def test_many_empty_mime_types_still_count() -> None:
+    route = _Route("id", 10_000, 10_000, raw=False)
+    bundle = {f"application/x-{i}": "" for i in range(1000)}
+    route.deliver(display(bundle))
+    assert route.truncated and route.dropped >= 1000 * len("application/x-0")

@@ -9,6 +9,7 @@ def test_all_is_sorted_and_matches_public_namespace() -> None:
         "resource",
         "build_cli",
         "pool",
+        "outputs",
     }
     exported = set(ipybox.__all__) - {"__version__"}
     assert public == exported

@@ -13,3 +13,30 @@ c.InteractiveShell.colors = "nocolor"
 # pasted into cells), and the SQLite writes, done on a thread that holds the lock the next cell's
 # `store_inputs` needs, leave the path of every cell. `In`, `Out` and %history work as before.
 c.HistoryManager.hist_file = ":memory:"
+
+
+def _no_forced_colour() -> None:
+    """Keep NO_COLOR in force for the tools the code runs (pip, git, ls, ...).
+
+    ipykernel's shell sets FORCE_COLOR=1 and CLICOLOR_FORCE=1 in the kernel's environment when it
+    starts, so that subprocesses colour their output even into a pipe; both override NO_COLOR. Undo
+    that right after the shell does it.
+    """
+    import os
+
+    try:
+        from ipykernel.zmqshell import ZMQInteractiveShell
+    except ImportError:  # not an ipykernel process
+        return
+    original = ZMQInteractiveShell.init_environment
+
+    def init_environment(self):  # type: ignore[no-untyped-def]
+        original(self)
+        for name in ("FORCE_COLOR", "CLICOLOR_FORCE"):
+            os.environ.pop(name, None)
+        os.environ["CLICOLOR"] = "0"
+
+    ZMQInteractiveShell.init_environment = init_environment
+
+
+_no_forced_colour()
