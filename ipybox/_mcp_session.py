@@ -64,6 +64,7 @@ class Sandbox:
         self._resources: ResourceClient | None = None
         self._started: asyncio.Task[None] | None = None
         self._kernel_lock = asyncio.Lock()
+        self._closing: asyncio.Future[None] | None = None
         self._output_counter = 0
 
     def start(self) -> None:
@@ -142,7 +143,16 @@ class Sandbox:
         return self._client, self._resources
 
     async def close(self) -> None:
-        """Remove the container and close the clients; safe to call at any point."""
+        """Remove the container and close the clients; safe to call at any point.
+
+        Concurrent calls (the end of stdin and a SIGTERM) all wait for the one removal: the signal
+        handler exits the process right after, which must not cut the first call short.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         if self._started is not None and not self._started.done():
             self._started.cancel()
             with contextlib.suppress(BaseException):

@@ -146,6 +146,7 @@ class SandboxPool:
         self._changed = asyncio.Condition()
         self._consecutive_failures = 0
         self._refill: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_starting)
 
@@ -213,10 +214,17 @@ class SandboxPool:
             yield sandbox
 
     async def close(self) -> None:
-        """Stop refilling and remove every sandbox the pool started, handed out or not. Idempotent."""
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
+        """Stop refilling and remove every sandbox the pool started, handed out or not.
+
+        Idempotent; a call while another is in progress waits for that one to finish (a signal handler
+        that closes the pool and then exits the process must not exit before the containers are gone).
+        """
+        if self._closing is None:
+            self._state = _State.CLOSED
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         tasks = [task for task in [self._refill, *self._starting] if task is not None]
         for task in tasks:
             task.cancel()

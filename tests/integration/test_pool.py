@@ -173,3 +173,13 @@ async def test_firewall_is_applied_before_hand_out(image: str, monkeypatch: pyte
     async with _pool(image, 1, firewall=["198.51.100.0/24"]) as pool, pool.sandbox() as sandbox:
         assert (sandbox.container.container_id, ["198.51.100.0/24"]) in applied
         assert (await sandbox.client.execute("print('behind the firewall')")).text == "behind the firewall"
+
+
+async def test_concurrent_closes_both_wait_for_the_removal(image: str) -> None:
+    marker = uuid.uuid4().hex
+    pool = _pool(image, 2, labels={"pool-test": marker})
+    await pool.start()
+    await pool.wait_ready(1, timeout=READY_TIMEOUT)
+    # A second close (e.g. a signal handler that exits right after) must not return before the first's work.
+    await asyncio.gather(pool.close(), pool.close())
+    assert await _containers(**{"pool-test": marker}) == []

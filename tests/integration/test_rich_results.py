@@ -199,8 +199,9 @@ async def test_execution_count_and_duration(client: ExecutionClient) -> None:
     first = await client.execute("import time")
     second = await client.execute("time.sleep(0.3)")
     assert first.execution_count is not None and second.execution_count == first.execution_count + 1
+    # The duration covers the code's run (the sleep); a first cell may also wait for its kernel to start.
     assert 0.3 <= second.duration < 10
-    assert 0 < first.duration < second.duration
+    assert 0 < first.duration < 10
 
 
 async def test_reset_gives_a_fresh_kernel_in_the_same_container(client: ExecutionClient) -> None:
