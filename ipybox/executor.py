@@ -937,7 +937,7 @@ class ExecutionClient:
             except AuthenticationError:
                 raise
             except ServerConnectionError as exc:
-                logger.debug("direct route %s failed (%s); trying the next", route, exc)
+                logger.info("direct route %s failed (%s); trying the next", route, exc)
             self._session, self._base_url = None, published
             await session.close()
         return None

@@ -90,7 +90,7 @@ class ResourceClient:
                 await self.disconnect()
                 raise
             except (ServerConnectionError, ResourceError, aiohttp.ClientError, TimeoutError) as exc:
-                logger.debug("direct route %s failed (%s); trying the next", route, exc)
+                logger.info("direct route %s failed (%s); trying the next", route, exc)
                 await self.disconnect()
             except BaseException:
                 await self.disconnect()

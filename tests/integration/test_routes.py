@@ -6,10 +6,13 @@ then the container's own address on the bridge, then the published port.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from ipybox import ExecutionClient, ExecutionContainer, ResourceClient, _routes
 from ipybox._labels import EXECUTOR_PORT, RESOURCE_PORT
@@ -32,16 +35,19 @@ def _nothing_listens_on(port: int) -> None:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something listens on 127.0.0.1:{port} here"
 
 
-async def test_clients_use_the_unix_sockets(shared_container: ExecutionContainer, tmp_path: Path) -> None:
+async def test_clients_use_the_unix_sockets(
+    shared_container: ExecutionContainer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ipybox")  # a failed direct route says why
     source = tmp_path / "source.bin"
     source.write_bytes(bytes(range(256)) * 4096)
     async with ResourceClient(port=shared_container.resource_port) as resources:
-        assert resources._via.startswith("unix socket /proc/"), resources._via
+        assert resources._via.startswith("unix socket /proc/"), (resources._via, caplog.text)
         await resources.upload_file("routes/direct.bin", source)
         await resources.download_file("routes/direct.bin", tmp_path / "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
     async with ExecutionClient(port=shared_container.executor_port) as client:
-        assert client._via.startswith("unix socket /proc/"), client._via
+        assert client._via.startswith("unix socket /proc/"), (client._via, caplog.text)
         assert (await client.execute("print(6 * 7)")).text == "42"
 
 
