@@ -334,7 +334,7 @@ class ExecutionContainer:
         sandbox_ids = (int(image_labels.get(UID_LABEL, "0")), int(image_labels.get(GID_LABEL, "0")))
 
         token = _tokens.new_token()
-        config = self._container_config(sandbox_ids)
+        config = self._container_config(sandbox_ids, _image_home(image))
         with docker_errors("creating the container"):
             creating = asyncio.ensure_future(self._docker.containers.create(config))
             try:
@@ -357,7 +357,7 @@ class ExecutionContainer:
             _tokens.register(self.host, port, token, container_id)
             self._registered.append(port)
 
-    def _container_config(self, sandbox_ids: tuple[int, int]) -> dict[str, Any]:
+    def _container_config(self, sandbox_ids: tuple[int, int], home: str | None = None) -> dict[str, Any]:
         binds = [
             f"{_host_bind_path(host_path, sandbox_ids)}:{_container_bind_path(container_path)}"
             for host_path, container_path in self.binds.items()
@@ -376,7 +376,7 @@ class ExecutionContainer:
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges:true"],
             "Ulimits": [{"Name": "nofile", "Soft": self._open_files_limit, "Hard": self._open_files_limit}],
-            "Tmpfs": self._tmpfs(sandbox_ids),
+            "Tmpfs": self._tmpfs(sandbox_ids, home),
             # Bounded logs: kernel output that reaches the container's stdout cannot fill the disk.
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
         }
@@ -399,13 +399,21 @@ class ExecutionContainer:
             "HostConfig": host_config,
         }
 
-    def _tmpfs(self, sandbox_ids: tuple[int, int]) -> dict[str, str]:
-        tmpfs = {"/tmp": f"rw,nosuid,nodev,mode=1777,size={self._tmp_size}"}
+    def _tmpfs(self, sandbox_ids: tuple[int, int], home: str | None = None) -> dict[str, str]:
+        uid, gid = sandbox_ids
+        shared = f"rw,nosuid,nodev,mode=1777,size={self._tmp_size}"
+        # Every directory the sandbox user can write is a capped tmpfs (its pages count as the container's
+        # memory), so no cell can fill the host's disk through the writable layer: /tmp, /var/tmp and
+        # /run/lock (world-writable in Debian), the user's home ($HOME: `pip install --user`, caches;
+        # executable for ~/.local/bin) and /app. The one exception is /run/ipybox, where the secret is
+        # handed over before the start (security.md).
+        tmpfs = {"/tmp": shared, "/var/tmp": shared, "/run/lock": shared}
+        if home and PurePosixPath(home) not in (PurePosixPath("/"), APP_DIR) and PurePosixPath(home).is_absolute():
+            tmpfs[home] = f"rw,exec,nosuid,nodev,mode=0755,uid={uid},gid={gid},size={self._tmp_size}"
         if self._app_size is not None:
             # Owned by the sandbox user like the image's /app (0755). `exec` explicitly: Docker adds
             # noexec to every tmpfs, and users run scripts and build extensions in /app. Binds under
             # /app still work: Docker mounts by depth, so they land on top of this tmpfs.
-            uid, gid = sandbox_ids
             tmpfs[str(APP_DIR)] = f"rw,exec,nosuid,nodev,mode=0755,uid={uid},gid={gid},size={self._app_size}"
         return tmpfs
 
@@ -460,6 +468,15 @@ class ExecutionContainer:
                     self._container.id,
                 )
             await asyncio.sleep(0.05)
+
+
+def _image_home(image: dict[str, Any]) -> str | None:
+    """The image's $HOME (its sandbox user's home directory), if the image sets one."""
+    for entry in (image.get("Config") or {}).get("Env") or []:
+        name, _, value = str(entry).partition("=")
+        if name == "HOME":
+            return value or None
+    return None
 
 
 def _check_file_caps(memory_limit: int | None, tmp_size: int, app_size: int | None) -> None:

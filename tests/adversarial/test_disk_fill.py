@@ -136,6 +136,29 @@ async def test_tmp_fill_stops_at_the_cap_and_everything_recovers(make_container,
     assert size_rw_after - layer_before[0] < MIB, (layer_before, size_rw_after)
 
 
+@pytest.mark.parametrize("directory", ["$HOME", "/var/tmp", "/run/lock"])
+async def test_other_writable_directories_are_capped_and_off_the_host_disk(make_container, directory: str) -> None:  # type: ignore[no-untyped-def]
+    container = await make_container(app_size=CAP, tmp_size=CAP)
+    before, _ = await _writable_layer(container)
+    async with ExecutionClient(port=container.executor_port) as client:
+        path = (await client.execute(f"import os\nprint(os.path.expandvars({directory!r}))")).text
+        assert path and path.startswith("/"), path
+        errno_, written, _ = await _fill(client, f"{path}/filler")
+        assert errno_ == 28 and 60 * MIB <= written <= 64 * MIB, (errno_, written)
+        # `pip install --user` and caches still work in $HOME (executable: ~/.local/bin scripts run).
+        await client.execute(f"import os\nos.remove('{path}/filler')")
+        if directory == "$HOME":
+            script = await client.execute(
+                "import os, subprocess\nbin = os.path.expanduser('~/.local/bin'); os.makedirs(bin, exist_ok=True)\n"
+                "open(bin + '/hello', 'w').write('#!/bin/sh\\necho hello from home\\n')\n"
+                "os.chmod(bin + '/hello', 0o755)\n"
+                "print(subprocess.run([bin + '/hello'], capture_output=True, text=True).stdout.strip())"
+            )
+            assert script.text == "hello from home"
+    after, _ = await _writable_layer(container)
+    assert after - before < MIB, (before, after)
+
+
 async def test_without_app_size_app_is_the_writable_layer(make_container) -> None:  # type: ignore[no-untyped-def]
     # The documented opt-out: no cap, and what /app holds lands on the host's disk.
     container = await make_container(app_size=None, tmp_size=CAP)

@@ -92,7 +92,23 @@ def test_app_size_default_and_root_image() -> None:
 
 def test_app_size_none_keeps_app_in_the_writable_layer() -> None:
     config = ExecutionContainer(app_size=None)._container_config((1000, 1000))
-    assert set(config["HostConfig"]["Tmpfs"]) == {"/tmp"}
+    assert "/app" not in config["HostConfig"]["Tmpfs"]
+
+
+def test_every_other_writable_directory_is_a_capped_tmpfs() -> None:
+    config = ExecutionContainer(tmp_size="64m")._container_config((1000, 1001), home="/home/ipybox")
+    tmpfs = config["HostConfig"]["Tmpfs"]
+    assert set(tmpfs) == {"/tmp", "/var/tmp", "/run/lock", "/home/ipybox", "/app"}
+    for path in ("/tmp", "/var/tmp", "/run/lock"):
+        assert tmpfs[path] == f"rw,nosuid,nodev,mode=1777,size={64 * 2**20}"
+    home = tmpfs["/home/ipybox"].split(",")
+    assert {"exec", "nosuid", "nodev", "uid=1000", "gid=1001", f"size={64 * 2**20}"} <= set(home)
+
+
+@pytest.mark.parametrize("home", [None, "", "/", "/app", "relative"])
+def test_a_home_that_is_not_a_directory_of_its_own_gets_no_tmpfs(home: str | None) -> None:
+    tmpfs = ExecutionContainer()._container_config((1000, 1000), home=home)["HostConfig"]["Tmpfs"]
+    assert set(tmpfs) == {"/tmp", "/var/tmp", "/run/lock", "/app"}
 
 
 def test_binds_stay_under_app_with_the_tmpfs() -> None:
