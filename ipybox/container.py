@@ -85,7 +85,8 @@ class ExecutionContainer:
         network: Docker network to create the container on (default: Docker's default bridge). On a
             user-defined network, other containers' names resolve through Docker's embedded DNS.
         open_files_limit: Maximum number of open files per process in the container.
-        tmp_size: Size cap of the container's `/tmp` (a tmpfs; its contents count as memory).
+        tmp_size: Size cap of each of `/tmp`, `/var/tmp`, `/run/lock` and the sandbox user's `$HOME`
+            (tmpfs mounts; their contents count as memory).
         app_size: Size cap of the container's `/app`, the kernels' working directory where the file
             API writes (a tmpfs owned by the sandbox user, `nosuid,nodev` but executable; its
             contents count as memory, and nothing lands on the host's disk). Writes beyond it fail
