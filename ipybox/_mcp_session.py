@@ -17,10 +17,9 @@ from typing import Any
 from PIL import Image
 
 from ipybox._errors import ImageNotFoundError
-from ipybox.container import ExecutionContainer
 from ipybox.executor import ExecutionClient, ExecutionResult
 from ipybox.pool import Sandbox as PooledSandbox
-from ipybox.pool import SandboxPool
+from ipybox.pool import SandboxPool, start_sandbox
 from ipybox.resource.client import ResourceClient
 
 logger = logging.getLogger("ipybox.mcp")
@@ -97,20 +96,7 @@ class Sandbox:
         """A ready sandbox: from the pool when there is one, else a container started now."""
         if self._pool is not None:
             return await self._pool.acquire()
-        container = ExecutionContainer(**self._container_options())
-        client: ExecutionClient | None = None
-        try:
-            await container.run()
-            if self.options.allowed_domains is not None:
-                await container.init_firewall(self.options.allowed_domains)
-            client = ExecutionClient(port=container.executor_port)
-            await client.connect()
-        except BaseException:
-            if client is not None:
-                await client.disconnect()
-            await container.kill()
-            raise
-        return PooledSandbox(container, client)
+        return await start_sandbox(self._container_options(), self.options.allowed_domains)
 
     async def _switch_to(self, sandbox: PooledSandbox) -> None:
         """Make `sandbox` the one tool calls use; the previous one is removed."""

@@ -313,25 +313,33 @@ class SandboxPool:
         await self._announce()
 
     async def _new_sandbox(self) -> Sandbox:
-        container = ExecutionContainer(**self.container_options)
-        client: ExecutionClient | None = None
-        try:
-            await container.run()
-            if self.firewall is not None:
-                await container.init_firewall(self.firewall)
-            client = ExecutionClient(port=container.executor_port, host=_client_host(container.host))
-            await client.connect()
-            # An empty cell: the kernel answers once, so the first real cell does not wait for it. IPython
-            # does not count empty cells, so the caller's first cell is still [1].
-            await client.execute("", timeout=container.startup_timeout)
-        except BaseException as exc:
-            if client is not None:
-                await client.disconnect()
-            await container.kill()
-            if isinstance(exc, Exception) and not isinstance(exc, IpyboxError):
-                raise IpyboxError(f"starting a pooled sandbox failed: {exc}") from exc
-            raise
-        return Sandbox(container, client)
+        return await start_sandbox(self.container_options, self.firewall)
+
+
+async def start_sandbox(container_options: dict[str, Any], firewall: list[str] | None = None) -> Sandbox:
+    """Start one sandbox now: the container, its firewall (unless None), a connected, answering client.
+
+    On failure everything started is removed; errors other than ipybox's are raised as IpyboxError.
+    """
+    container = ExecutionContainer(**container_options)
+    client: ExecutionClient | None = None
+    try:
+        await container.run()
+        if firewall is not None:
+            await container.init_firewall(firewall)
+        client = ExecutionClient(port=container.executor_port, host=_client_host(container.host))
+        await client.connect()
+        # An empty cell: the kernel answers once, so the first real cell does not wait for it. IPython
+        # does not count empty cells, so the caller's first cell is still [1].
+        await client.execute("", timeout=container.startup_timeout)
+    except BaseException as exc:
+        if client is not None:
+            await client.disconnect()
+        await container.kill()
+        if isinstance(exc, Exception) and not isinstance(exc, IpyboxError):
+            raise IpyboxError(f"starting a sandbox failed: {exc}") from exc
+        raise
+    return Sandbox(container, client)
 
 
 def _connected(client: ExecutionClient) -> bool:
