@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import IO, TypeVar, cast
 from urllib.parse import quote
 
-import aiohttp
 from yarl import URL
 
 from ipybox._errors import ArchiveError
 from ipybox.resource import _archive
-from ipybox.resource._http import connection_errors, raise_for_response
+from ipybox.resource._http import Link, raise_for_response, transfer
 
 CHUNK_SIZE = _archive.CHUNK_SIZE
 # The response buffer aiohttp may fill before it stops reading the socket (default 64 KiB).
@@ -44,15 +43,15 @@ def _url(kind: str, relpath: str) -> URL:
 # -- files -----------------------------------------------------------------------------------------
 
 
-async def upload_file(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
+async def upload_file(link: Link, relpath: str, local_path: Path) -> None:
     action = f"upload of {str(local_path)!r} to {relpath!r}"
     file = await asyncio.to_thread(open, local_path, "rb", buffering=0)  # FileNotFoundError before any request
     try:
         size = os.fstat(file.fileno()).st_size
-        body = _read_chunks(file, size, local_path)
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
-        with connection_errors(action):
-            async with session.put(_url("files", relpath), data=body, headers=headers) as response:
+        async with transfer(link, action) as watch:
+            body = watch.body(_read_chunks(file, size, local_path))
+            async with link.session.put(_url("files", relpath), data=body, headers=headers) as response:
                 await raise_for_response(response, action)
     finally:
         await asyncio.to_thread(file.close)
@@ -89,10 +88,12 @@ def _open_temp(local_path: Path) -> tuple[int, Path]:
     return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), temp
 
 
-async def download_file(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
+async def download_file(link: Link, relpath: str, local_path: Path) -> None:
     action = f"download of {relpath!r}"
-    with connection_errors(action):
-        async with session.get(_url("files", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE) as response:
+    async with transfer(link, action):
+        async with link.session.get(
+            _url("files", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE
+        ) as response:
             await raise_for_response(response, action)
             fd, temp = await asyncio.to_thread(_open_temp, local_path)
             try:
@@ -105,17 +106,17 @@ async def download_file(session: aiohttp.ClientSession, relpath: str, local_path
                 os.close(fd)
 
 
-async def delete_file(session: aiohttp.ClientSession, relpath: str) -> None:
+async def delete_file(link: Link, relpath: str) -> None:
     action = f"delete of {relpath!r}"
-    with connection_errors(action):
-        async with session.delete(_url("files", relpath)) as response:
+    async with transfer(link, action):
+        async with link.session.delete(_url("files", relpath)) as response:
             await raise_for_response(response, action)
 
 
 # -- directories -----------------------------------------------------------------------------------
 
 
-async def upload_directory(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
+async def upload_directory(link: Link, relpath: str, local_path: Path) -> None:
     action = f"upload of directory {str(local_path)!r} to {relpath!r}"
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
@@ -123,9 +124,9 @@ async def upload_directory(session: aiohttp.ClientSession, relpath: str, local_p
     except NotADirectoryError:
         raise FileNotFoundError(f"{local_path} is not a directory") from None
     try:
-        body = _tar_chunks(root_fd)
-        with connection_errors(action):
-            async with session.put(
+        async with transfer(link, action) as watch:
+            body = watch.body(_tar_chunks(root_fd))
+            async with link.session.put(
                 _url("directories", relpath), data=body, headers={"Content-Type": "application/x-tar"}
             ) as response:
                 await raise_for_response(response, action)
@@ -142,12 +143,12 @@ async def _tar_chunks(root_fd: int) -> AsyncIterator[bytes]:
         await asyncio.to_thread(chunks.close)
 
 
-async def download_directory(session: aiohttp.ClientSession, relpath: str, local_path: Path) -> None:
+async def download_directory(link: Link, relpath: str, local_path: Path) -> None:
     action = f"download of directory {relpath!r}"
     if local_path.exists() and not local_path.is_dir():
         raise NotADirectoryError(f"{local_path} exists and is not a directory")
-    with connection_errors(action):
-        async with session.get(
+    async with transfer(link, action):
+        async with link.session.get(
             _url("directories", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE
         ) as response:
             await raise_for_response(response, action)

@@ -3,12 +3,20 @@
 The server answers errors as JSON `{"error": "<message>"}` with a status: 400 a refused path, 401 a
 missing or wrong secret, 404 a missing file, directory or module, 422 a request the server could not
 carry out (e.g. an MCP server that cannot be reached), 500 anything else.
+
+Requests have no total time limit, so a transfer may take as long as its data keeps moving. What is
+bounded is inactivity (`ResourceClient(inactivity_timeout=...)`): connecting, each wait for response
+bytes (aiohttp's `sock_connect` and `sock_read`), and each wait for the connection to take the next
+chunk of an upload (`transfer()`'s watch). A stall becomes a ServerConnectionError naming the
+operation, the route and the option.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -19,6 +27,111 @@ from ipybox._errors import (
     ResourceError,
     ServerConnectionError,
 )
+
+DEFAULT_INACTIVITY_TIMEOUT = 60.0
+"""Seconds a transfer may go without progress before it is given up (ResourceClient's default)."""
+
+
+def client_timeout(inactivity_timeout: float | None, read_timeout: float | None = None) -> aiohttp.ClientTimeout:
+    """No total limit (aiohttp's default is 300 s for the whole request, body included), only inactivity.
+
+    `read_timeout` overrides the wait for response bytes (default: `inactivity_timeout`). Waiting for
+    a free connection of the session's pool is not limited: that is not the server stalling.
+    """
+    read = inactivity_timeout if read_timeout is None else read_timeout
+    return aiohttp.ClientTimeout(total=None, sock_connect=inactivity_timeout, sock_read=read)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A connected ResourceClient's session, with what its requests need to notice and report a stall."""
+
+    session: aiohttp.ClientSession
+    where: str  # the base URL and the route taken, for messages
+    inactivity_timeout: float | None
+
+
+class UploadWatch:
+    """Gives up a request when the connection takes no chunk of its body for `inactivity_timeout` s.
+
+    aiohttp applies `sock_read` only once the body is sent; while it is sent, a server that stops
+    reading blocks the writer forever. The deadline runs while aiohttp holds a chunk (writing it,
+    waiting for the socket to drain) and stops while the next one is read from local disk.
+    """
+
+    def __init__(self, timeout: asyncio.Timeout, seconds: float | None) -> None:
+        self._timeout = timeout
+        self._seconds = seconds
+        self._open = True
+
+    def arm(self) -> None:
+        if self._open and self._seconds is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time() + self._seconds)
+
+    def disarm(self) -> None:
+        if self._open:
+            self._timeout.reschedule(None)
+
+    def close(self) -> None:
+        """The request is over; a body writer still running must not touch the deadline any more."""
+        self._open = False
+
+    def body(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`chunks`, as an upload body whose every chunk must be taken within the timeout."""
+        return _WatchedBody(chunks, self)
+
+
+class _WatchedBody:
+    # A plain iterator, not an async generator: `chunks` keeps its own clean-up (finalised as before),
+    # and no second generator races it for aclose() when both are collected together.
+
+    def __init__(self, chunks: AsyncIterator[bytes], watch: UploadWatch) -> None:
+        self._chunks = chunks
+        self._watch = watch
+
+    def __aiter__(self) -> _WatchedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._watch.disarm()  # aiohttp asks for the next chunk: the connection took the last one
+        chunk = await self._chunks.__anext__()  # local disk: not the server's stall
+        self._watch.arm()
+        return chunk
+
+
+def _stalled(link: Link, action: str, what: str, seconds: float | None) -> ServerConnectionError:
+    limit = f" for {seconds:g} s" if seconds is not None else ""
+    return ServerConnectionError(
+        f"{action} via {link.where} stalled: {what}{limit}; for a slower link raise "
+        "ResourceClient(inactivity_timeout=...), or pass None for no limit"
+    )
+
+
+@asynccontextmanager
+async def transfer(link: Link, action: str, read_timeout: float | None = None) -> AsyncIterator[UploadWatch]:
+    """Map what goes wrong during the request `action` to ipybox errors, stalls included.
+
+    `read_timeout`: the request's `sock_read` when it is not the link's inactivity timeout.
+    """
+    timeout = asyncio.timeout(None)
+    watch = UploadWatch(timeout, link.inactivity_timeout)
+    try:
+        async with timeout:
+            try:
+                yield watch
+            finally:
+                watch.close()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if timeout.expired():
+            raise _stalled(link, action, "the server took no data", link.inactivity_timeout) from exc
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            raise _stalled(link, action, "no connection", link.inactivity_timeout) from exc
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            seconds = link.inactivity_timeout if read_timeout is None else read_timeout
+            raise _stalled(link, action, "no data arrived", seconds) from exc
+        if isinstance(exc, aiohttp.ClientError):
+            raise ServerConnectionError(f"{action}: the resource server does not answer: {exc}") from exc
+        raise
 
 
 async def raise_for_response(response: aiohttp.ClientResponse, action: str) -> None:

@@ -14,7 +14,14 @@ from ipybox import _routes, _tokens
 from ipybox._errors import AuthenticationError, InvalidStateError, ResourceError, ServerConnectionError
 from ipybox._labels import RESOURCE_PORT
 from ipybox.resource import _files, _mcp, _modules
-from ipybox.resource._http import connection_errors, raise_for_response
+from ipybox.resource._http import (
+    DEFAULT_INACTIVITY_TIMEOUT,
+    Link,
+    client_timeout,
+    connection_errors,
+    raise_for_response,
+    transfer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,14 @@ class ResourceClient:
         connect_retry_interval: Seconds between those tries.
         token: The container's secret. Found automatically for containers started by this user
             on this machine; pass it explicitly for a container started elsewhere.
+        inactivity_timeout: Seconds a request may go without progress: to connect, for the server to
+            take the next chunk of an upload, for the next bytes of a response. A transfer has no
+            total time limit; it may take hours as long as data keeps moving. A stall raises
+            `ServerConnectionError` naming the operation. `None` waits forever. MCP generation
+            waits at least 300 s for its answer (the server gives up at 240 s and says why).
+
+    Raises:
+        ValueError: `inactivity_timeout` is not a positive number or None.
     """
 
     def __init__(
@@ -44,12 +59,19 @@ class ResourceClient:
         connect_retry_interval: float = 1.0,
         *,
         token: str | None = None,
+        inactivity_timeout: float | None = DEFAULT_INACTIVITY_TIMEOUT,
     ) -> None:
+        if inactivity_timeout is not None and not inactivity_timeout > 0:
+            # aiohttp would read 0 as "no limit"
+            raise ValueError(
+                f"inactivity_timeout must be a positive number of seconds or None, not {inactivity_timeout!r}"
+            )
         self.port = port
         self.host = host
         self.connect_retries = connect_retries
         self.connect_retry_interval = connect_retry_interval
         self._token = token
+        self.inactivity_timeout = inactivity_timeout
         self._base_url = f"http://{host}:{port}"
         self._via = "published port"  # or the direct route connect() found (ipybox._routes)
         self._session: aiohttp.ClientSession | None = None
@@ -77,9 +99,10 @@ class ResourceClient:
             return
         token = self._token or _tokens.lookup(self.host, self.port)
         headers = {"Authorization": f"token {token}"} if token else {}
+        timeout = client_timeout(self.inactivity_timeout)  # transfers are bounded by inactivity only
         # Direct routes around docker-proxy and the bridge first (see ipybox._routes); one quick try each.
         for base_url, connector, route in _routes.direct_sessions(self.host, self.port, RESOURCE_PORT):
-            self._session = aiohttp.ClientSession(base_url, headers=headers, connector=connector)
+            self._session = aiohttp.ClientSession(base_url, headers=headers, connector=connector, timeout=timeout)
             try:
                 with connection_errors("status check"):
                     async with self._session.get("/status", timeout=_DIRECT_TIMEOUT) as response:
@@ -95,7 +118,7 @@ class ResourceClient:
             except BaseException:
                 await self.disconnect()
                 raise
-        self._session = aiohttp.ClientSession(self._base_url, headers=headers)
+        self._session = aiohttp.ClientSession(self._base_url, headers=headers, timeout=timeout)
         last_error: Exception | None = None
         try:
             for attempt in range(max(self.connect_retries, 1)):
@@ -123,10 +146,10 @@ class ResourceClient:
         if session is not None:
             await session.close()
 
-    def _connected(self) -> aiohttp.ClientSession:
+    def _connected(self) -> Link:
         if self._session is None:
             raise InvalidStateError("ResourceClient is not connected: call connect() first")
-        return self._session
+        return Link(self._session, f"{self._base_url} ({self._via})", self.inactivity_timeout)
 
     # -- files and directories (paths are relative to /app in the sandbox) -----------------------
 
@@ -136,6 +159,8 @@ class ResourceClient:
         Raises:
             FileNotFoundError: `local_path` does not exist (raised before any request).
             RemotePathError: the server refused `relpath`.
+            ServerConnectionError: the server cannot be reached, or the transfer stalled for
+                `inactivity_timeout` seconds (the message names the operation).
         """
         await _files.upload_file(self._connected(), relpath, Path(local_path))
 
@@ -145,6 +170,8 @@ class ResourceClient:
         Raises:
             RemoteFileNotFoundError: the sandbox file does not exist (also a `FileNotFoundError`).
             RemotePathError: the server refused `relpath`.
+            ServerConnectionError: the server cannot be reached, or the transfer stalled for
+                `inactivity_timeout` seconds (the message names the operation).
         """
         await _files.download_file(self._connected(), relpath, Path(local_path))
 
@@ -165,6 +192,8 @@ class ResourceClient:
         Raises:
             FileNotFoundError: `local_path` is not an existing directory (raised before any request).
             RemotePathError: the server refused `relpath`.
+            ServerConnectionError: the server cannot be reached, or the transfer stalled for
+                `inactivity_timeout` seconds (the message names the operation).
         """
         await _files.upload_directory(self._connected(), relpath, Path(local_path))
 
@@ -179,6 +208,8 @@ class ResourceClient:
             RemoteFileNotFoundError: the sandbox directory does not exist.
             RemotePathError: the server refused `relpath`.
             ArchiveError: the archive broke a rule above.
+            ServerConnectionError: the server cannot be reached, or the transfer stalled for
+                `inactivity_timeout` seconds (the message names the operation).
         """
         await _files.download_directory(self._connected(), relpath, Path(local_path))
 
@@ -224,9 +255,9 @@ class ResourceClient:
 
     async def status(self) -> dict[str, Any]:
         """The server's status document (`{"status": "ok"}` when healthy)."""
-        session = self._connected()
-        with connection_errors("status check"):
-            async with session.get("/status") as response:
+        link = self._connected()
+        async with transfer(link, "status check"):
+            async with link.session.get("/status") as response:
                 await raise_for_response(response, "status check")
                 result: dict[str, Any] = await response.json()
                 return result
