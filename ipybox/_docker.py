@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,10 +18,54 @@ ENGINE_HINT = (
 )
 
 
+class _Engine(aiodocker.Docker):
+    """aiodocker's client, telling an endpoint that is no Docker engine from an engine's answers.
+
+    aiodocker asks `GET /version` before its first request (for the API version), and reports what goes
+    wrong there like any API error: to a web server that answers 404 to everything, a missing image
+    looked like one that "could not be pulled". An engine always answers `/version`, so a failure there
+    (other than a refused connection) means the endpoint is something else. The check rides on a request
+    that is made anyway: it costs nothing.
+    """
+
+    async def _check_version(self) -> None:
+        try:
+            await super()._check_version()
+        except aiodocker.DockerError as exc:
+            if is_connection_error(exc):
+                raise
+            raise DockerUnavailableError(
+                self._not_an_engine(f"GET /version answered HTTP {exc.status} ({_short(exc.message)})")
+            ) from exc
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:  # an answer, but not an engine's
+            raise DockerUnavailableError(
+                self._not_an_engine(f"its answer to GET /version is not a Docker engine's ({exc!r})")
+            ) from exc
+
+    def _not_an_engine(self, detail: str) -> str:
+        endpoint = str(getattr(self, "_connection_info", None) or self.docker_host)
+        if os.environ.get("DOCKER_HOST") == endpoint:
+            return (
+                f"DOCKER_HOST={endpoint} is not a Docker engine: {detail}. Point DOCKER_HOST at a Docker "
+                "engine's socket or address (e.g. unix:///var/run/docker.sock), or unset DOCKER_HOST to use "
+                "the local engine."
+            )
+        return f"The Docker endpoint {endpoint} is not a Docker engine: {detail}. {ENGINE_HINT}"
+
+
+def _short(message: str, limit: int = 200) -> str:
+    message = " ".join(str(message).split())
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
 def connect() -> aiodocker.Docker:
-    """A client for the local Docker engine; raises DockerUnavailableError when none is configured."""
+    """A client for the local Docker engine; raises DockerUnavailableError when none is configured.
+
+    The client raises DockerUnavailableError, naming the endpoint, at its first request when the
+    endpoint answers but is not a Docker engine.
+    """
     try:
-        return aiodocker.Docker()
+        return _Engine()
     except ValueError as exc:  # aiodocker: no socket found and no DOCKER_HOST
         raise DockerUnavailableError(f"No Docker engine found. {ENGINE_HINT}") from exc
 

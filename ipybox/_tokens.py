@@ -10,16 +10,46 @@ host and port:
 
 Loopback names are keyed alike, so a container published on 127.0.0.1 is found by a client that
 connects to "localhost".
+
+A record outlives its container when the container goes without `ExecutionContainer.kill()` (`docker
+rm -f`, a process that died), and the port is then free for anything, another sandbox of this user
+included. So `lookup` hands out a secret only while the container recorded with it still runs. The
+check is synchronous and costs one read of a small procfs file, as `lookup` runs on every client
+connect: a record carries the container's id and the host pid of its init process, and the container
+still runs while `/proc/<pid>/cgroup` names its id (a pid freed by the container and reused by another
+process is in another cgroup). Asking the engine instead would cost a round trip per connect and
+make `lookup` async. The pid is recorded only when this check works at registration: with a remote
+engine, Docker Desktop's VM or another pid namespace the pid means nothing here, and such records
+(and records without a container id) are handed out unchecked, as before; `ipybox cleanup` removes
+their files once the container is gone. A restarted container has a new init pid, so its old record
+is refused: ipybox never restarts its containers.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""}
-_registry: dict[tuple[str, int], str] = {}
+_PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class _Record:
+    token: str
+    container_id: str = ""
+    pid: int = 0  # 0: not checkable from this process
+
+    def alive(self) -> bool:
+        """False only when the container is known to be gone."""
+        if not self.container_id or not self.pid:
+            return True
+        return _runs(self.container_id, self.pid)
+
+
+_registry: dict[tuple[str, int], _Record] = {}
 
 
 def new_token() -> str:
@@ -47,13 +77,23 @@ def _token_file(host: str, port: int) -> Path:
     return token_dir() / f"{name.replace(':', '_')}-{port}.token"
 
 
-def register(host: str, port: int, token: str, container_id: str = "") -> None:
+def _runs(container_id: str, pid: int) -> bool:
+    try:
+        return container_id in (_PROC / str(pid) / "cgroup").read_text()
+    except OSError:
+        return False
+
+
+def register(host: str, port: int, token: str, container_id: str = "", pid: int = 0) -> None:
     """Record the secret of a server published at host:port, in memory and in a user-only file.
 
-    The file holds the secret on its first line and the container id on its second, so that
-    `ipybox cleanup` can remove the files of containers that are gone.
+    The file holds the secret on its first line, the container id on its second (so that `ipybox
+    cleanup` can remove the files of containers that are gone) and the pid of the container's init
+    process on its third (0 when this process cannot check it; see the module docstring).
     """
-    _registry[key(host, port)] = token
+    if pid and not (container_id and _runs(container_id, pid)):
+        pid = 0
+    _registry[key(host, port)] = _Record(token, container_id, pid)
     directory = token_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
@@ -63,26 +103,56 @@ def register(host: str, port: int, token: str, container_id: str = "") -> None:
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as file:
-        file.write(f"{token}\n{container_id}\n")
+        file.write(f"{token}\n{container_id}\n{pid}\n")
     os.replace(tmp, path)
 
 
-def unregister(host: str, port: int) -> None:
-    """Forget the secret of host:port (in memory and on disk). Safe to call twice."""
-    _registry.pop(key(host, port), None)
-    _token_file(host, port).unlink(missing_ok=True)
+def unregister(host: str, port: int, container_id: str = "") -> None:
+    """Forget the secret of host:port (in memory and on disk). Safe to call twice.
+
+    With `container_id`, only a record of that container is removed: the port may have gone to another
+    container meanwhile (this one was removed behind ipybox's back), whose record stays.
+    """
+    name = key(host, port)
+    record = _registry.get(name)
+    if record is not None and (not container_id or record.container_id in ("", container_id)):
+        del _registry[name]
+    path = _token_file(host, port)
+    if container_id:
+        on_disk = _read(path)
+        if on_disk is not None and on_disk.container_id not in ("", container_id):
+            return
+    path.unlink(missing_ok=True)
 
 
 def lookup(host: str, port: int) -> str | None:
-    """The secret registered for host:port, or None when no ExecutionContainer of this user made one."""
-    if token := _registry.get(key(host, port)):
-        return token
+    """The secret registered for host:port, or None when no running container of this user has one."""
+    name = key(host, port)
+    if (record := _registry.get(name)) is not None:
+        if record.alive():
+            return record.token
+        # Gone behind ipybox's back; a container that took the port since may be recorded in the file.
+        del _registry[name]
+    record = _read(_token_file(host, port))
+    if record is None or not record.alive():
+        return None
+    return record.token
+
+
+def _read(path: Path) -> _Record | None:
     try:
-        return _token_file(host, port).read_text().partition("\n")[0].strip() or None
-    except (FileNotFoundError, NotADirectoryError):
+        lines = path.read_text().split("\n")
+    except (OSError, UnicodeDecodeError):
         return None
-    except PermissionError:
+    token = lines[0].strip()
+    if not token:
         return None
+    container_id = lines[1].strip() if len(lines) > 1 else ""
+    try:
+        pid = int(lines[2]) if len(lines) > 2 and lines[2].strip() else 0
+    except ValueError:
+        pid = 0
+    return _Record(token, container_id, pid)
 
 
 def remove_stale(alive_container_ids: set[str]) -> None:
@@ -91,9 +161,6 @@ def remove_stale(alive_container_ids: set[str]) -> None:
     if not directory.is_dir():
         return
     for path in directory.glob("*.token"):
-        try:
-            container_id = path.read_text().split("\n")[1].strip()
-        except (IndexError, OSError):
-            container_id = ""
-        if container_id not in alive_container_ids:
+        record = _read(path)
+        if record is None or record.container_id not in alive_container_ids:
             path.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 import aiodocker
+import aiohttp
 
 from ipybox import _routes, _tokens
 from ipybox._docker import connect, docker_errors
@@ -40,6 +41,23 @@ logger = logging.getLogger(__name__)
 DEFAULT_TAG = "gradion-ai/ipybox"
 
 APP_DIR = PurePosixPath("/app")
+
+_DEFAULT_TMP_SIZE = 2**30
+_DEFAULT_APP_SIZE = 2 * 2**30
+_REMOVE_TIMEOUT = 60.0
+"""Seconds kill() waits for the engine to remove the container; it keeps waiting through cancellations."""
+
+
+class _Derived(enum.Enum):
+    """The default of `tmp_size`/`app_size`: derived from `memory_limit` (None would mean no cap)."""
+
+    TOKEN = "derived from memory_limit"
+
+
+_DERIVED = _Derived.TOKEN
+
+_warned_file_caps: set[tuple[int, int, int | None]] = set()
+"""Configurations warned about in this process: a pool starts many containers of one configuration."""
 
 
 class _State(enum.Enum):
@@ -86,14 +104,21 @@ class ExecutionContainer:
             user-defined network, other containers' names resolve through Docker's embedded DNS.
         open_files_limit: Maximum number of open files per process in the container.
         tmp_size: Size cap of each of `/tmp`, `/var/tmp`, `/run/lock` and the sandbox user's `$HOME`
-            (tmpfs mounts; their contents count as memory).
+            (tmpfs mounts; their contents count as memory). Default: a quarter of `memory_limit`,
+            at most 1 GiB (1 GiB without a memory limit).
         app_size: Size cap of the container's `/app`, the kernels' working directory where the file
             API writes (a tmpfs owned by the sandbox user, `nosuid,nodev` but executable; its
             contents count as memory, and nothing lands on the host's disk). Writes beyond it fail
             with `ENOSPC`. Binds still appear under it. Anything the image itself has in `/app` is
             hidden. None: no cap, `/app` stays in the container's writable layer on the host's disk.
-            A warning is logged when `app_size` plus `tmp_size` exceed `memory_limit`: full
-            directories would then hit the memory limit (the kernel is killed) before `ENOSPC`.
+            Default: half of `memory_limit`, at most 2 GiB (2 GiB without a memory limit).
+
+            So the default caps follow the memory limit: 1 GiB and 2 GiB with the default 4g, 128 MiB
+            and 256 MiB with `memory_limit="512m"`, and together they never exceed it. Values given
+            explicitly are used as given. A warning is logged when `app_size` plus `tmp_size`
+            exceed `memory_limit` (full directories would then hit the memory limit, and the kernel
+            be killed, before `ENOSPC`), once per configuration in a process, however many
+            containers (e.g. of a `SandboxPool`) use it.
         allowed_hosts: Host names (besides localhost and IP addresses) that clients may use in the
             `Host` header to reach the servers, e.g. a name for remote use with `host="0.0.0.0"`.
             Other names are refused (a DNS-rebinding defence).
@@ -130,8 +155,8 @@ class ExecutionContainer:
         startup_timeout: float = 30,
         network: str | None = None,
         open_files_limit: int = 4096,
-        tmp_size: int | str = "1g",
-        app_size: int | str | None = "2g",
+        tmp_size: int | str | _Derived = _DERIVED,
+        app_size: int | str | None | _Derived = _DERIVED,
         allowed_hosts: list[str] | None = None,
         max_kernels: int = 16,
     ):
@@ -161,10 +186,7 @@ class ExecutionContainer:
         if open_files_limit < 64:
             raise ValueError(f"open_files_limit must be at least 64, got {open_files_limit}")
         self._open_files_limit = open_files_limit
-        tmp_bytes = parse_memory(tmp_size, "tmp_size")
-        assert tmp_bytes is not None
-        self._tmp_size = tmp_bytes
-        self._app_size = parse_memory(app_size, "app_size")
+        self._tmp_size, self._app_size = _file_caps(self._memory_limit, tmp_size, app_size)
         _check_file_caps(self._memory_limit, self._tmp_size, self._app_size)
         for container_path in self.binds.values():
             _container_bind_path(container_path)  # fail early; run() checks again
@@ -177,6 +199,9 @@ class ExecutionContainer:
         self._state = _State.NEW
         self._registered: list[int] = []
         self._image_id: str | None = None
+        self._pid = 0
+        self._removal: asyncio.Future[None] | None = None
+        self._removal_reported = True
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -248,29 +273,44 @@ class ExecutionContainer:
         try:
             self._docker = connect()
             await self._run()
-        except BaseException:
-            await self.kill()
+        except BaseException as exc:
+            try:
+                await self.kill()
+            except Exception as removal_error:
+                # The start's error is the one to see; a failed clean-up must not replace it.
+                logger.warning("removing the container after %r failed: %s", exc, removal_error)
             raise
 
     async def kill(self) -> None:
-        """Kills and removes the current code execution Docker container. Safe to call repeatedly."""
+        """Kills and removes the current code execution Docker container. Safe to call repeatedly.
+
+        A cancelled kill() still finishes the removal before the cancellation goes on (however often it
+        is cancelled), so no container is left that nothing refers to.
+
+        Raises:
+            ContainerError: The engine refused the removal, or did not finish it within 60 s.
+        """
         self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
-        for port in self._registered:
-            _tokens.unregister(self.host, port)
-        _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
-        self._registered.clear()
         container, self._container = self._container, None
         docker, self._docker = self._docker, None
-        try:
-            if container is not None:
-                try:
-                    await container.delete(force=True, v=True)
-                except aiodocker.DockerError as exc:
-                    if exc.status != 404:  # already gone is what we want
-                        raise ContainerError(f"removing failed: {exc.message}", container.id) from exc
-        finally:
-            if docker is not None:
-                await docker.close()
+        for port in self._registered:
+            _tokens.unregister(self.host, port, container.id if container is not None else "")
+        _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
+        self._registered.clear()
+        if container is not None or docker is not None:
+            self._removal = asyncio.ensure_future(_remove(container, docker))
+            self._removal_reported = False
+        removal = self._removal
+        if removal is None:
+            return
+        if await _settle(removal):
+            if not removal.cancelled() and removal.exception() is not None and not self._removal_reported:
+                self._removal_reported = True
+                logger.warning("kill() was cancelled, and the removal it waited for failed: %s", removal.exception())
+            raise asyncio.CancelledError
+        if not self._removal_reported:
+            self._removal_reported = True
+            removal.result()
 
     async def init_firewall(self, allowed_domains: list[str] | None = None) -> None:
         """Initialize firewall rules to restrict internet access to a whitelist of allowed domains,
@@ -338,14 +378,13 @@ class ExecutionContainer:
         config = self._container_config(sandbox_ids, _image_home(image))
         with docker_errors("creating the container"):
             creating = asyncio.ensure_future(self._docker.containers.create(config))
-            try:
-                self._container = await asyncio.shield(creating)
-            except asyncio.CancelledError:
-                # The engine creates the container even if we stop listening: wait for its id so
-                # that kill() (run()'s clean-up) can remove it, then let the cancellation through.
+            # The engine creates the container even if we stop listening: a cancellation waits for its
+            # id, so that kill() (run()'s clean-up) can remove it, and then goes on.
+            if await _settle(creating):
                 with contextlib.suppress(Exception):
-                    self._container = await creating
-                raise
+                    self._container = creating.result()
+                raise asyncio.CancelledError
+            self._container = creating.result()
         container_id = self._container.id
         with docker_errors("placing the secret", container_id):
             await self._container.put_archive(str(PurePosixPath(TOKEN_PATH).parent), _token_tar(token, sandbox_ids))
@@ -355,7 +394,7 @@ class ExecutionContainer:
             await self._read_ports()
 
         for port in (self.executor_port, self.resource_port):
-            _tokens.register(self.host, port, token, container_id)
+            _tokens.register(self.host, port, token, container_id, self._pid)
             self._registered.append(port)
 
     def _container_config(self, sandbox_ids: tuple[int, int], home: str | None = None) -> dict[str, Any]:
@@ -456,6 +495,7 @@ class ExecutionContainer:
             resource = _published_port(ports, RESOURCE_PORT)
             if executor is not None and resource is not None:
                 self._executor_port, self._resource_port = executor, resource
+                self._pid = int((info.get("State") or {}).get("Pid") or 0)
                 _routes.record(
                     self.host,
                     {EXECUTOR_PORT: executor, RESOURCE_PORT: resource},
@@ -480,12 +520,38 @@ def _image_home(image: dict[str, Any]) -> str | None:
     return None
 
 
+def _file_caps(
+    memory_limit: int | None, tmp_size: int | str | _Derived, app_size: int | str | None | _Derived
+) -> tuple[int, int | None]:
+    """The tmpfs caps in bytes: explicit values as given, defaults derived from the memory limit.
+
+    A quarter of the limit for tmp_size and a half for app_size, at most the fixed defaults: with the
+    default limit of 4g that is exactly the fixed defaults, and with any limit the two fit within it.
+    """
+    if isinstance(tmp_size, _Derived):
+        tmp = _DEFAULT_TMP_SIZE if memory_limit is None else min(_DEFAULT_TMP_SIZE, memory_limit // 4)
+    else:
+        parsed = parse_memory(tmp_size, "tmp_size")
+        if parsed is None:
+            raise ValueError("tmp_size cannot be None: /tmp is always a capped tmpfs; give a size like '1g'")
+        tmp = parsed
+    if isinstance(app_size, _Derived):
+        app: int | None = _DEFAULT_APP_SIZE if memory_limit is None else min(_DEFAULT_APP_SIZE, memory_limit // 2)
+    else:
+        app = parse_memory(app_size, "app_size")
+    return tmp, app
+
+
 def _check_file_caps(memory_limit: int | None, tmp_size: int, app_size: int | None) -> None:
-    """Warn when the tmpfs caps cannot be reached before the memory limit (their pages are memory)."""
+    """Warn when the tmpfs caps cannot be reached before the memory limit (their pages are memory).
+
+    Once per configuration and process: a pool constructs a container for every sandbox it starts.
+    """
     if memory_limit is None:
         return
     total = tmp_size + (app_size or 0)
-    if total > memory_limit:
+    if total > memory_limit and (memory_limit, tmp_size, app_size) not in _warned_file_caps:
+        _warned_file_caps.add((memory_limit, tmp_size, app_size))
         logger.warning(
             "app_size + tmp_size (%d MiB) exceed memory_limit (%d MiB): /app and /tmp are tmpfs whose "
             "contents count as the container's memory, so filling them ends in the kernel being killed "
@@ -493,6 +559,47 @@ def _check_file_caps(memory_limit: int | None, tmp_size: int, app_size: int | No
             total // 2**20,
             memory_limit // 2**20,
         )
+
+
+async def _settle(future: asyncio.Future[Any]) -> bool:
+    """Wait until `future` is done, through any number of cancellations; True when one arrived.
+
+    For work that must not be abandoned half-way (creating and removing a container): the caller
+    raises CancelledError itself once the work is done and accounted for.
+    """
+    interrupted = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            interrupted = True
+    return interrupted
+
+
+async def _remove(container: Any, docker: aiodocker.Docker | None) -> None:
+    try:
+        if container is not None:
+            try:
+                async with asyncio.timeout(_REMOVE_TIMEOUT):
+                    await container.delete(force=True, v=True)
+            except aiodocker.DockerError as exc:
+                if exc.status != 404:  # already gone is what we want
+                    raise ContainerError(f"removing failed: {exc.message}", container.id) from exc
+            except TimeoutError:
+                raise ContainerError(
+                    f"removing did not finish within {_REMOVE_TIMEOUT:.0f} s; the engine may still remove it, "
+                    "else `ipybox cleanup` does",
+                    container.id,
+                ) from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise ContainerError(
+                    f"removing failed: the Docker engine does not answer ({exc}); `ipybox cleanup` removes it "
+                    "once the engine is back",
+                    container.id,
+                ) from exc
+    finally:
+        if docker is not None:
+            await docker.close()
 
 
 def _port_spec(port: int | None) -> str:
