@@ -77,6 +77,15 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+class _Waiter:
+    """An `acquire()` waiting for a sandbox; `failure` is a failed start meant for it alone."""
+
+    __slots__ = ("failure",)
+
+    def __init__(self) -> None:
+        self.failure: Exception | None = None
+
+
 class SandboxPool:
     """Keeps `size` sandboxes started and ready, and hands each one out exactly once.
 
@@ -141,8 +150,9 @@ class SandboxPool:
         self._ready: asyncio.Queue[Sandbox] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
         self._handed_out: set[Sandbox] = set()
-        self._waiters = 0
-        self._failures: list[Exception] = []
+        # Oldest first. A failed start is given to the oldest waiter without one, and goes away with that
+        # waiter: it is never raised by a later, unrelated acquire().
+        self._waiters: list[_Waiter] = []
         self._changed = asyncio.Condition()
         self._consecutive_failures = 0
         self._refill: asyncio.Task[None] | None = None
@@ -262,18 +272,20 @@ class SandboxPool:
         """The next ready sandbox; raises the error of a failed start that happens while waiting."""
         async with self._changed:
             # Counted until this task takes a sandbox, so the refill starts one for every waiter.
-            self._waiters += 1
+            waiter = _Waiter()
+            self._waiters.append(waiter)
             self._wake.set()
             try:
                 while True:
+                    # A sandbox is the better answer, even when a failure was meant for this waiter too.
                     if not self._ready.empty():
                         return self._ready.get_nowait()
-                    if self._failures:
-                        raise self._failures.pop(0)
+                    if waiter.failure is not None:
+                        raise waiter.failure
                     self._check_running()
                     await self._changed.wait()
             finally:
-                self._waiters -= 1
+                self._waiters.remove(waiter)
 
     async def _announce(self) -> None:
         async with self._changed:
@@ -281,7 +293,7 @@ class SandboxPool:
 
     async def _keep_filled(self) -> None:
         while True:
-            while self._ready.qsize() + len(self._starting) < self.size + self._waiters:
+            while self._ready.qsize() + len(self._starting) < self.size + len(self._waiters):
                 task = asyncio.create_task(self._start_one(), name="ipybox-pool-start")
                 self._starting.add(task)
                 task.add_done_callback(self._starting.discard)
@@ -301,8 +313,9 @@ class SandboxPool:
             except Exception as exc:
                 self._consecutive_failures += 1
                 logger.warning("starting a pooled sandbox failed (%d in a row): %s", self._consecutive_failures, exc)
-                if self._waiters > len(self._failures):
-                    self._failures.append(exc)
+                waiter = next((w for w in self._waiters if w.failure is None), None)
+                if waiter is not None:
+                    waiter.failure = exc
                     await self._announce()
                 return
         self._consecutive_failures = 0
@@ -333,9 +346,12 @@ async def start_sandbox(container_options: dict[str, Any], firewall: list[str] |
         # does not count empty cells, so the caller's first cell is still [1].
         await client.execute("", timeout=container.startup_timeout)
     except BaseException as exc:
-        if client is not None:
-            await client.disconnect()
-        await container.kill()
+        try:
+            if client is not None:
+                await client.disconnect()
+        finally:
+            # Also when the disconnect is cancelled (a second cancellation): the container must go.
+            await container.kill()
         if isinstance(exc, Exception) and not isinstance(exc, IpyboxError):
             raise IpyboxError(f"starting a sandbox failed: {exc}") from exc
         raise
