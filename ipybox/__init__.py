@@ -8,6 +8,7 @@ from ipybox._errors import (
     ContainerStartError,
     DependencyFileError,
     DockerUnavailableError,
+    ExecutionAbortedError,
     ExecutionError,
     ExecutionOutcomeUnknownError,
     ExecutionTimeoutError,
@@ -18,14 +19,16 @@ from ipybox._errors import (
     IpyboxError,
     KernelDiedError,
     KernelError,
+    KernelLimitError,
     RemoteFileNotFoundError,
     RemotePathError,
+    RequestRefusedError,
     ResourceError,
     ServerConnectionError,
 )
 from ipybox._version import __version__
 from ipybox.container import DEFAULT_TAG, ExecutionContainer
-from ipybox.executor import Execution, ExecutionClient, ExecutionResult
+from ipybox.executor import ClientState, Execution, ExecutionClient, ExecutionResult
 from ipybox.outputs import Clear, Display, Error, ErrorInfo, Event, Output, Result, Stderr, Stdout
 from ipybox.pool import Sandbox, SandboxPool
 from ipybox.resource.client import ResourceClient
@@ -36,6 +39,7 @@ __all__ = [
     "AuthenticationError",
     "BuildError",
     "Clear",
+    "ClientState",
     "ContainerError",
     "ContainerStartError",
     "DependencyFileError",
@@ -45,6 +49,7 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "Execution",
+    "ExecutionAbortedError",
     "ExecutionClient",
     "ExecutionContainer",
     "ExecutionError",
@@ -58,9 +63,11 @@ __all__ = [
     "IpyboxError",
     "KernelDiedError",
     "KernelError",
+    "KernelLimitError",
     "Output",
     "RemoteFileNotFoundError",
     "RemotePathError",
+    "RequestRefusedError",
     "ResourceClient",
     "ResourceError",
     "Result",

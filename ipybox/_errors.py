@@ -1,6 +1,7 @@
 """The ipybox exception tree.
 
-    IpyboxError
+    IpyboxError                      message, plus keyword-only context: container_id, kernel_id,
+    │                                status (HTTP), option (the setting or call that changes the outcome)
     ├── DockerUnavailableError      no Docker engine answers
     ├── ImageError
     │   ├── ImageNotFoundError       image missing and not pullable (names `ipybox build -t TAG`)
@@ -9,13 +10,19 @@
     ├── ContainerError               container could not be created, started or inspected
     │   ├── ContainerStartError      the servers in the container did not come up
     │   └── FirewallError            firewall rules could not be applied (also a RuntimeError)
-    ├── ServerConnectionError        a port of the container cannot be reached
+    ├── ServerConnectionError        a port of the container cannot be reached, or the connection was
+    │                                lost: nothing was sent, or what was sent had no outcome yet
+    ├── RequestRefusedError          the server answered and refused; retrying the same request fails again
     │   ├── AuthenticationError      the server refused the secret (401/403)
-    │   └── ExecutionOutcomeUnknownError  the connection broke mid-execution and its end was not
-    │                                recovered: the code may or may not have run; never re-executed
-    ├── KernelError                  the kernel misbehaved
+    │   └── KernelLimitError         the container runs its maximum number of kernels (max_kernels)
+    ├── ExecutionOutcomeUnknownError the connection broke mid-execution and its end was not recovered:
+    │                                the code may or may not have run; never re-executed, do not
+    │                                blindly retry (deliberately not a ServerConnectionError)
+    ├── KernelError                  the kernel misbehaved or refused an execution
     │   ├── ExecutionError           the code raised; `.message` and `.trace`
+    │   ├── ExecutionAbortedError    the kernel skipped the code: an earlier execution failed
     │   └── KernelDiedError          the kernel process died while executing
+    ├── ExecutionTimeoutError        an execution ran past its timeout (also the builtin TimeoutError)
     └── ResourceError                the resource server refused a request
         ├── RemoteFileNotFoundError  a sandbox file or directory is missing (also a FileNotFoundError)
         ├── RemotePathError          a path the server refused (traversal, absolute, NUL, symlink escape)
@@ -29,9 +36,35 @@ documents, kept outside the tree on purpose: it is a programming mistake, not an
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class IpyboxError(Exception):
-    """Root of all errors raised by ipybox."""
+    """Root of all errors raised by ipybox.
+
+    Every ipybox error is built the same way: a message, then keyword-only context.
+
+    Attributes:
+        container_id: The container concerned, when known.
+        kernel_id: The kernel concerned, when known.
+        status: The HTTP status a server answered, when one did.
+        option: The setting or call that changes the outcome (e.g. `"ExecutionClient(token=...)"`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        container_id: str | None = None,
+        kernel_id: str | None = None,
+        status: int | None = None,
+        option: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.container_id = container_id
+        self.kernel_id = kernel_id
+        self.status = status
+        self.option = option
 
 
 class InvalidStateError(RuntimeError):
@@ -75,10 +108,9 @@ class DependencyFileError(BuildError):
 class ContainerError(IpyboxError):
     """A container could not be created, started or inspected."""
 
-    def __init__(self, message: str, container_id: str | None = None) -> None:
-        self.container_id = container_id
+    def __init__(self, message: str, container_id: str | None = None, **context: Any) -> None:
         prefix = f"container {container_id[:12]}: " if container_id else ""
-        super().__init__(prefix + message)
+        super().__init__(prefix + message, container_id=container_id, **context)
 
 
 class ContainerStartError(ContainerError):
@@ -89,34 +121,40 @@ class ServerConnectionError(IpyboxError):
     """A server in the container could not be reached."""
 
 
-class AuthenticationError(ServerConnectionError):
+class RequestRefusedError(IpyboxError):
+    """The server answered and refused the request; sending it again is refused again."""
+
+
+class AuthenticationError(RequestRefusedError):
     """The server rejected the request's secret (HTTP 401/403)."""
 
 
-class ExecutionOutcomeUnknownError(ServerConnectionError):
+class KernelLimitError(RequestRefusedError):
+    """The container runs its maximum number of kernels (`ExecutionContainer(max_kernels=...)`)."""
+
+
+class ExecutionOutcomeUnknownError(IpyboxError):
     """The websocket broke while an execution was pending and its outcome could not be recovered.
 
     The client re-opens the websocket with the same session, and the gateway replays what the
     kernel sent meanwhile. This error means that did not work out: reconnecting failed, the kernel
     was restarted meanwhile, or messages of the execution were lost in the cut. The code may or may
-    not have run (fully or in part); the client never sends it again. A `ServerConnectionError`,
-    so code written for a lost connection keeps working.
+    not have run (fully or in part); the client never sends it again. Not a `ServerConnectionError`
+    on purpose: code that retries on a lost connection must not blindly run this code a second time.
 
     Attributes:
         kernel_id: The kernel the execution was sent to.
     """
 
-    def __init__(self, message: str, kernel_id: str | None = None) -> None:
-        self.kernel_id = kernel_id
-        super().__init__(message)
+    def __init__(self, message: str, kernel_id: str | None = None, **context: Any) -> None:
+        super().__init__(message, kernel_id=kernel_id, **context)
 
 
 class KernelError(IpyboxError):
-    """The kernel misbehaved."""
+    """The kernel misbehaved or refused an execution."""
 
-    def __init__(self, message: str, kernel_id: str | None = None) -> None:
-        self.kernel_id = kernel_id
-        super().__init__(message)
+    def __init__(self, message: str, kernel_id: str | None = None, **context: Any) -> None:
+        super().__init__(message, kernel_id=kernel_id, **context)
 
 
 class ExecutionError(KernelError):
@@ -127,10 +165,18 @@ class ExecutionError(KernelError):
         trace: the traceback as plain text (no ANSI escape codes).
     """
 
-    def __init__(self, message: str, trace: str | None = None, kernel_id: str | None = None) -> None:
-        super().__init__(message, kernel_id)
+    def __init__(self, message: str, trace: str | None = None, kernel_id: str | None = None, **context: Any) -> None:
+        super().__init__(message, kernel_id, **context)
         self.message = message
         self.trace = trace
+
+
+class ExecutionAbortedError(KernelError):
+    """The kernel skipped the execution without running it: an earlier execution failed.
+
+    The kernel answers requests queued behind a failed one with `aborted` (Jupyter's
+    `stop_on_error`). Nothing of the code ran; submitting it again is safe.
+    """
 
 
 class KernelDiedError(KernelError):
@@ -140,9 +186,8 @@ class KernelDiedError(KernelError):
 class ResourceError(IpyboxError):
     """The resource server rejected a request."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        self.status = status
-        super().__init__(message)
+    def __init__(self, message: str, status: int | None = None, **context: Any) -> None:
+        super().__init__(message, status=status, **context)
 
 
 class ExecutionTimeoutError(IpyboxError, TimeoutError):
@@ -156,16 +201,16 @@ class ExecutionTimeoutError(IpyboxError, TimeoutError):
             state (variables, imports) is lost. False when it was only interrupted and keeps its state.
     """
 
-    def __init__(self, message: str, restarted: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, restarted: bool = False, **context: Any) -> None:
+        super().__init__(message, **context)
         self.restarted = restarted
 
 
 class RemoteFileNotFoundError(ResourceError, FileNotFoundError):
     """A file or directory in the sandbox does not exist."""
 
-    def __init__(self, message: str, status: int | None = 404) -> None:
-        ResourceError.__init__(self, message, status)
+    def __init__(self, message: str, status: int | None = 404, **context: Any) -> None:
+        ResourceError.__init__(self, message, status, **context)
 
 
 class RemotePathError(ResourceError, ValueError):

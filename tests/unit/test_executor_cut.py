@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import ipybox
-from ipybox.executor import _CutWindow, _is_idle, _numbered
+from ipybox._router import CutWindow as _CutWindow
+from ipybox._router import is_idle as _is_idle
+from ipybox._router import message_number as _numbered
 
 TAG = "0f1e2d3c-aaaa-bbbb-cccc-0123456789ab_4242"
 
@@ -49,9 +51,10 @@ def test_is_idle() -> None:
     assert not _is_idle({"msg_type": "stream", "content": {"text": "idle"}})
 
 
-def test_outcome_unknown_is_a_server_connection_error_with_the_kernel_id() -> None:
+def test_outcome_unknown_is_its_own_branch_with_the_kernel_id() -> None:
+    # Not a ServerConnectionError: code that retries on a lost connection must not re-run it.
     error = ipybox.ExecutionOutcomeUnknownError("lost", kernel_id="k1")
-    assert isinstance(error, ipybox.ServerConnectionError)
+    assert not isinstance(error, ipybox.ServerConnectionError)
     assert isinstance(error, ipybox.IpyboxError)
     assert not isinstance(error, ipybox.KernelError)
     assert error.kernel_id == "k1" and str(error) == "lost"

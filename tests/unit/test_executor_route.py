@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from ipybox.executor import _ITEM_OVERHEAD, _join_stripped, _Route
+from ipybox._router import ITEM_OVERHEAD as _ITEM_OVERHEAD
+from ipybox._router import Route as _Route
+from ipybox.executor import _join_stripped
 from ipybox.outputs import ErrorInfo, Output
 
 
@@ -18,13 +20,22 @@ def display(data: dict[str, str]) -> dict[str, Any]:
 
 
 IDLE = {"msg_type": "status", "content": {"execution_state": "idle"}}
+REPLY = {"msg_type": "execute_reply", "content": {"status": "ok", "execution_count": 1}}
+
+
+def end(route: _Route) -> bool:
+    """Deliver the reply and then the idle status: an execution ends when it has both."""
+    assert route.deliver(REPLY) is False
+    return route.deliver(IDLE)
 
 
 def drain(route: _Route) -> list[tuple[Any, ...]]:
+    """The queued items after the first one, which says the execution started."""
     items = []
     while not route.queue.empty():
         items.append(route.queue.get_nowait())
-    return items
+    assert not items or items[0] == ("started", None), items
+    return items[1:]
 
 
 def texts(items: list[tuple[Any, ...]]) -> list[str]:
@@ -36,7 +47,7 @@ def test_under_the_cap_everything_is_kept() -> None:
     route = _Route("id", 1000, 1000, raw=False)
     route.deliver(stream("hello\n"))
     route.deliver(display({"text/plain": "42"}))
-    assert route.deliver(IDLE) is True
+    assert end(route) is True
     assert drain(route) == [
         ("stream", "stdout", "hello\n"),
         ("output", "display_data", Output({"text/plain": "42"})),
@@ -50,7 +61,7 @@ def test_past_the_cap_output_is_counted_not_queued() -> None:
     route = _Route("id", cap, cap, raw=False)
     for _ in range(1000):
         route.deliver(stream("x" * 1000))
-    route.deliver(IDLE)
+    end(route)
     items = drain(route)
     kept = sum(len(text) for text in texts(items))
     markers = [item[1] for item in items if item[0] == "marker"]
@@ -109,8 +120,7 @@ def test_errors_are_kept_aside_with_plain_traces() -> None:
             "content": {"ename": "ValueError", "evalue": "\x1b[31mbad", "traceback": ["\x1b[0;31mTrace"]},
         }
     )
-    assert route.error == ("ValueError: bad", "Trace")
-    assert route.error_info == ErrorInfo("ValueError", "bad", "Trace")
+    assert route.error == ErrorInfo("ValueError", "bad", "Trace")
     # The first error is queued as an event even past the cap.
     assert drain(route) == [("error", ErrorInfo("ValueError", "bad", "Trace"))]
 
@@ -119,7 +129,7 @@ def test_escape_split_between_stream_messages_is_held_and_stripped() -> None:
     route = _Route("id", None, None, raw=False)
     route.deliver(stream("a\x1b[3"))
     route.deliver(stream("1mb\x1b]0;unterminated"))
-    route.deliver(IDLE)
+    end(route)
     assert texts(drain(route)) == ["a", "b"]
 
 
@@ -171,7 +181,7 @@ def test_each_stream_keeps_its_own_unfinished_escape() -> None:
     route.deliver(message("stream", name="stdout", text="a\x1b[3"))
     route.deliver(message("stream", name="stderr", text="err\n"))
     route.deliver(message("stream", name="stdout", text="1mb"))
-    route.deliver(IDLE)
+    end(route)
     assert [(item[1], item[2]) for item in drain(route) if item[0] == "stream"] == [
         ("stdout", "a"),
         ("stderr", "err\n"),
@@ -184,8 +194,8 @@ def test_execution_count_and_duration() -> None:
     route.deliver(message("execute_input", code="1", execution_count=7))
     route.deliver(message("execute_reply", status="ok", execution_count=8))
     assert route.execution_count == 7
-    route.deliver(IDLE)
-    assert route.ended is not None and route.duration == route.ended - route.started >= 0
+    end(route)
+    assert route.ended is not None and route.duration == route.ended - route.submitted >= 0
 
 
 def test_text_types_lose_their_escapes_in_the_bundle() -> None:
@@ -211,3 +221,15 @@ def test_many_empty_mime_types_still_count() -> None:
     bundle = {f"application/x-{i}": "" for i in range(1000)}
     route.deliver(display(bundle))
     assert route.truncated and route.dropped >= 1000 * len("application/x-0")
+
+
+def test_an_execution_ends_with_both_its_idle_and_its_reply_in_either_order() -> None:
+    # An aborted request's idle (IOPub) often overtakes its reply (shell): ending at the idle alone
+    # reported a request the kernel skipped as a success.
+    route = _Route("id", 1000, 1000, raw=False)
+    assert route.deliver({"msg_type": "status", "content": {"execution_state": "busy"}}) is False
+    assert route.deliver(IDLE) is False
+    assert not route.done
+    assert route.deliver({"msg_type": "execute_reply", "content": {"status": "aborted"}}) is True
+    assert route.done and route.aborted
+    assert drain(route) == [("idle", None)]
