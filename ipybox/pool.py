@@ -359,8 +359,7 @@ async def start_sandbox(container_options: dict[str, Any], firewall: list[str] |
 
 
 def _connected(client: ExecutionClient) -> bool:
-    ws, reader = client._ws, client._reader
-    return ws is not None and not ws.closed and reader is not None and not reader.done() and not client._kernel_dead
+    return client.healthy
 
 
 def _client_host(bind_host: str) -> str:
