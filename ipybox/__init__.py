@@ -25,6 +25,7 @@ from ipybox._errors import (
     RequestRefusedError,
     ResourceError,
     ServerConnectionError,
+    TransferStalledError,
 )
 from ipybox._version import __version__
 from ipybox.container import DEFAULT_TAG, ExecutionContainer
@@ -76,5 +77,6 @@ __all__ = [
     "ServerConnectionError",
     "Stderr",
     "Stdout",
+    "TransferStalledError",
     "__version__",
 ]

@@ -11,7 +11,9 @@
     │   ├── ContainerStartError      the servers in the container did not come up
     │   └── FirewallError            firewall rules could not be applied (also a RuntimeError)
     ├── ServerConnectionError        a port of the container cannot be reached, or the connection was
-    │                                lost: nothing was sent, or what was sent had no outcome yet
+    │   │                            lost: nothing was sent, or what was sent had no outcome yet
+    │   └── TransferStalledError     a resource transfer moved no data for inactivity_timeout seconds
+    │                                (also a TimeoutError)
     ├── RequestRefusedError          the server answered and refused; retrying the same request fails again
     │   ├── AuthenticationError      the server refused the secret (401/403)
     │   └── KernelLimitError         the container runs its maximum number of kernels (max_kernels)
@@ -119,6 +121,14 @@ class ContainerStartError(ContainerError):
 
 class ServerConnectionError(IpyboxError):
     """A server in the container could not be reached."""
+
+
+class TransferStalledError(ServerConnectionError, TimeoutError):
+    """A resource transfer moved no data for `ResourceClient(inactivity_timeout=...)` seconds.
+
+    Also a `TimeoutError`, as stalled transfers were before. The message names the operation, the
+    route and the option.
+    """
 
 
 class RequestRefusedError(IpyboxError):

@@ -26,6 +26,7 @@ from ipybox._errors import (
     RemotePathError,
     ResourceError,
     ServerConnectionError,
+    TransferStalledError,
 )
 
 DEFAULT_INACTIVITY_TIMEOUT = 60.0
@@ -99,11 +100,12 @@ class _WatchedBody:
         return chunk
 
 
-def _stalled(link: Link, action: str, what: str, seconds: float | None) -> ServerConnectionError:
+def _stalled(link: Link, action: str, what: str, seconds: float | None) -> TransferStalledError:
     limit = f" for {seconds:g} s" if seconds is not None else ""
-    return ServerConnectionError(
+    return TransferStalledError(
         f"{action} via {link.where} stalled: {what}{limit}; for a slower link raise "
-        "ResourceClient(inactivity_timeout=...), or pass None for no limit"
+        "ResourceClient(inactivity_timeout=...), or pass None for no limit",
+        option="ResourceClient(inactivity_timeout=...)",
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from ipybox import ExecutionContainer, ResourceClient, ServerConnectionError
+from ipybox import ExecutionContainer, ResourceClient, TransferStalledError
 
 STALL = 1.0
 
@@ -43,7 +43,7 @@ async def test_download_from_a_frozen_sandbox_names_the_operation(
     (tmp_path / "in.bin").write_bytes(b"ipybox" * 1000)
     await resources.upload_file("frozen/in.bin", tmp_path / "in.bin")
     async with paused(shared_container):
-        with pytest.raises(ServerConnectionError) as info:
+        with pytest.raises(TransferStalledError) as info:
             await resources.download_file("frozen/in.bin", tmp_path / "out.bin")
     message = str(info.value)
     assert "download of 'frozen/in.bin'" in message and "stalled: no data arrived" in message
@@ -61,7 +61,7 @@ async def test_upload_to_a_frozen_sandbox_names_the_operation(
     with open(big, "wb") as file:
         file.truncate(64 * 1024 * 1024)  # sparse; more than the socket buffers hold
     async with paused(shared_container):
-        with pytest.raises(ServerConnectionError) as info:
+        with pytest.raises(TransferStalledError) as info:
             await resources.upload_file("frozen/big.bin", big)
     message = str(info.value)
     assert f"upload of {str(big)!r} to 'frozen/big.bin'" in message

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ipybox import ResourceClient, ServerConnectionError
+from ipybox import ResourceClient, TransferStalledError
 from ipybox.resource import _mcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ipybox" / "_image"))
@@ -198,7 +198,7 @@ async def _stalled(port: int, call: str, *args: object) -> str:
     async with ResourceClient(
         port=port, host="127.0.0.1", token="t", connect_retries=1, inactivity_timeout=STALL
     ) as resources:
-        with pytest.raises(ServerConnectionError) as info:
+        with pytest.raises(TransferStalledError) as info:
             await getattr(resources, call)(*args)
         # The session survives a stall: the next request works.
         assert await resources.status() == {"status": "ok"}
