@@ -180,8 +180,12 @@ class Sandbox:
     async def upload(self, relpath: str, local_path: str) -> str:
         _, resources = await self.ready()
         path = self.allowed_path(local_path)
+        if not path.exists():
+            raise FileNotFoundError(f"File not found: {path} does not exist on the host")
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; upload_file copies one file")
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is not a file")
+            raise OSError(f"{path} is not a regular file")
         size = path.stat().st_size
         await resources.upload_file(relpath, path)
         return f"uploaded {size} bytes from {path} to /app/{relpath.lstrip('/')}"
