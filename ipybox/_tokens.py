@@ -46,7 +46,7 @@ class _Record:
         """False only when the container is known to be gone."""
         if not self.container_id or not self.pid:
             return True
-        return _runs(self.container_id, self.pid)
+        return container_runs(self.container_id, self.pid)
 
 
 _registry: dict[tuple[str, int], _Record] = {}
@@ -77,7 +77,8 @@ def _token_file(host: str, port: int) -> Path:
     return token_dir() / f"{name.replace(':', '_')}-{port}.token"
 
 
-def _runs(container_id: str, pid: int) -> bool:
+def container_runs(container_id: str, pid: int) -> bool:
+    """Whether the container whose init process had host pid `pid` still runs (see the module docstring)."""
     try:
         return container_id in (_PROC / str(pid) / "cgroup").read_text()
     except OSError:
@@ -91,7 +92,7 @@ def register(host: str, port: int, token: str, container_id: str = "", pid: int 
     cleanup` can remove the files of containers that are gone) and the pid of the container's init
     process on its third (0 when this process cannot check it; see the module docstring).
     """
-    if pid and not (container_id and _runs(container_id, pid)):
+    if pid and not (container_id and container_runs(container_id, pid)):
         pid = 0
     _registry[key(host, port)] = _Record(token, container_id, pid)
     directory = token_dir()

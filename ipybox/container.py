@@ -397,6 +397,16 @@ class ExecutionContainer:
             _tokens.register(self.host, port, token, container_id, self._pid)
             self._registered.append(port)
 
+    def _known_gone(self) -> bool:
+        """True when the container is not running, as far as this host can tell without asking the engine.
+
+        One procfs read: the container's init process (recorded when the engine is local) is no longer
+        in the container's cgroup. With a remote engine only kill() makes it True.
+        """
+        if self._container is None:
+            return True
+        return bool(self._pid) and not _tokens.container_runs(self._container.id, self._pid)
+
     def _container_config(self, sandbox_ids: tuple[int, int], home: str | None = None) -> dict[str, Any]:
         binds = [
             f"{_host_bind_path(host_path, sandbox_ids)}:{_container_bind_path(container_path)}"
@@ -495,7 +505,9 @@ class ExecutionContainer:
             resource = _published_port(ports, RESOURCE_PORT)
             if executor is not None and resource is not None:
                 self._executor_port, self._resource_port = executor, resource
-                self._pid = int((info.get("State") or {}).get("Pid") or 0)
+                pid = int((info.get("State") or {}).get("Pid") or 0)
+                # Only a pid this process can check is worth keeping (a remote engine's means nothing here).
+                self._pid = pid if pid and _tokens.container_runs(str(info.get("Id") or ""), pid) else 0
                 _routes.record(
                     self.host,
                     {EXECUTOR_PORT: executor, RESOURCE_PORT: resource},

@@ -44,8 +44,10 @@ class Sandbox:
         return self._closed
 
     def healthy(self) -> bool:
-        """False when the client's connection to the kernel is gone (e.g. the container died)."""
-        return not self._closed and _connected(self.client)
+        """False when the client's connection to the kernel is gone, or the container is known to be gone."""
+        # The container check first: a client whose container died may still be re-opening its websocket
+        # (it then counts as healthy), and a local engine's container is checked with one procfs read.
+        return not self._closed and not self.container._known_gone() and _connected(self.client)
 
     async def close(self) -> None:
         """Disconnect the client and remove the container. Safe to call repeatedly."""
