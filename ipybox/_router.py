@@ -17,7 +17,8 @@ An execution's life, `Route.phase`:
 and, independently, what a websocket cut means for it, `Route.recovery`:
 
     CLEAN ──cut──▶ SUSPECT ──its end with messages missing──▶ HELD ──gap filled──▶ (FINISHED)
-                      │                                      └──gap stays──▶ (FAILED: outcome unknown)
+                      │                                      └──gap stays──▶ (FINISHED, output lost:
+                      │                                          the reply says how it ended)
                       └──its end not in the gateway's replay──▶ (FAILED: outcome unknown)
 """
 
@@ -98,6 +99,7 @@ class Route:
         self.lost = False  # messages of it went missing (refused or cut): `dropped` is a lower bound
         self.aborted = False  # the kernel answered "aborted": it skipped the request without running it
         self.replied = False  # its execute_reply arrived
+        self._reply_error: ErrorInfo | None = None
         self.idle = False  # its idle status arrived
         self.skipped_after: str | None = None  # for an aborted one: the earlier failure, "Name: value"
         self.kernel_id: str | None = None
@@ -157,6 +159,10 @@ class Route:
             if msg_type == "execute_reply":
                 self.replied = True
                 self.aborted = content.get("status") == "aborted"
+                if content.get("status") == "error":
+                    # The reply repeats the exception: it still says what happened when the error
+                    # message itself was lost in a cut.
+                    self._reply_error = error_info(content)
                 return self._end_if_complete()
         elif msg_type == "status" and content.get("execution_state") == "idle":
             self.idle = True
@@ -174,7 +180,16 @@ class Route:
             self.phase = Phase.FINISHED
             self.ended = time.monotonic()
             self._flush_carry()
+            if self.error is None and self._reply_error is not None:
+                self._error(self._reply_error)
             self.queue.put_nowait(IDLE)
+
+    def lose(self) -> None:
+        """Messages of this request went missing in a cut; its reply still says how it ended."""
+        self.lost = True
+        if not self.truncated:
+            self.truncated = True
+            self._put(("marker", "\n[output lost: messages of this execution were lost when the connection broke]\n"))
 
     def fail(self, error: Exception) -> None:
         if not self.done:
@@ -189,6 +204,8 @@ class Route:
             self._put(("marker", f"\n[output truncated: output past max_output_bytes={self.cap_name} is dropped]\n"))
 
     def marker(self) -> str:
+        if self.lost and not self.dropped:
+            return "[output truncated: messages of this execution were lost when the connection broke]"
         at_least = "at least " if self.lost else ""
         return f"[output truncated: {at_least}{self.dropped:,} bytes dropped past max_output_bytes={self.cap_name}]"
 
@@ -419,14 +436,15 @@ class Router:
         return None
 
     def settle(self, route: Route, last: dict[str, Any], window: CutWindow) -> None:
-        """End a held route after its grace period: finished if the gap was filled, else unknown."""
+        """End a held route after its grace period. Its idle and its reply are both here, so how it
+        ended is known (the reply says ok, error or aborted); a gap still open means lost output,
+        which the result says."""
         if route.done or self.pending.get(route.msg_id) is not route:
             return
-        if window.complete_through(last):
-            route.deliver(last)
-            self._ended(route)
-        else:
-            self.fail(route, outcome_unknown(self.cut_reason(window, lost=True), self.kernel_id))
+        if not window.complete_through(last):
+            route.lose()
+        route.deliver(last)
+        self._ended(route)
 
     def begin_cut(self) -> list[Route]:
         """The websocket broke: every pending execution becomes a suspect whose end is checked."""
@@ -451,7 +469,6 @@ class Router:
         running = [route for route in executions if route.phase is Phase.RUNNING] or executions
         if running:
             running[0].drop(size)
-            running[0].lost = True
         if self.window is None:
             self.window = CutWindow(self.kernel_tag, self.last_number)
         self.window.excused += 1
@@ -460,17 +477,15 @@ class Router:
         """The recovery barrier came back: every suspect whose end did not arrive has an unknown outcome."""
         if window is not None and restarted:
             window.shutdown = True
-        why = self.cut_reason(window, lost=False)
+        why = self.cut_reason(window)
         for route in suspects:
             if not route.done and route.recovery is not Recovery.HELD and self.pending.get(route.msg_id) is route:
                 self.fail(route, outcome_unknown(why, self.kernel_id))
 
-    def cut_reason(self, window: CutWindow | None, lost: bool) -> str:
+    def cut_reason(self, window: CutWindow | None) -> str:
         cut = f"the connection to kernel {self.kernel_id} broke during the execution"
         if window is not None and (window.shutdown or (window.tag is not None and self.kernel_tag != window.tag)):
             return f"{cut} and the kernel was restarted meanwhile (its state, variables and imports, is lost)"
-        if lost:
-            return f"{cut} and messages of it were lost (its output and whether it raised are unknown)"
         return f"{cut} and its end did not come with the messages the gateway kept"
 
     def fail(self, route: Route, error: Exception) -> None:

@@ -10,6 +10,7 @@ def test_all_is_sorted_and_matches_public_namespace() -> None:
         "build_cli",
         "pool",
         "outputs",
+        "mcp_server",
     }
     exported = set(ipybox.__all__) - {"__version__"}
     assert public == exported
