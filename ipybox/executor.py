@@ -392,8 +392,10 @@ class ExecutionClient:
 
     @property
     def healthy(self) -> bool:
-        """Connected, the websocket open (or being re-opened after a cut), the kernel not dead."""
-        return self._state is ClientState.CONNECTED and self._channel is not None and self._channel.alive
+        """Connected, the websocket open (not being re-opened after a cut), its reader running, the
+        kernel not dead: what a pool checks before it hands a client out."""
+        channel = self._channel
+        return self._state is ClientState.CONNECTED and channel is not None and channel.alive and channel.transport.open
 
     @property
     def kernel_id(self) -> str:
