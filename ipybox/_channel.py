@@ -106,7 +106,9 @@ class KernelChannel:
         async with self.restart_lock:
             # Pending requests (those queued behind a runaway one, say) die with the old kernel.
             self.router.fail_all(
-                KernelDiedError(f"kernel {kernel_id} {why}; its state (variables, imports) is lost", kernel_id)
+                KernelDiedError(
+                    f"kernel {kernel_id} {why}; its state (variables, imports) is lost", kernel_id=kernel_id
+                )
             )
             await self.transport.kernel_action("restart", "restarting", aiohttp.ClientTimeout(total=RESTART_TIMEOUT))
             await self.await_restarted_kernel()
@@ -144,7 +146,7 @@ class KernelChannel:
                 self.router.forget(route)
         kernel_id = self.transport.kernel_id
         raise KernelDiedError(
-            f"kernel {kernel_id} did not come back within {RESTART_TIMEOUT} s after a restart", kernel_id
+            f"kernel {kernel_id} did not come back within {RESTART_TIMEOUT} s after a restart", kernel_id=kernel_id
         )
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:

@@ -86,7 +86,9 @@ def docker_errors(
     except aiodocker.DockerError as exc:
         if is_connection_error(exc):
             raise DockerUnavailableError(f"{action} failed: the Docker engine does not answer. {ENGINE_HINT}") from exc
-        raise error(f"{action} failed: {exc.message} (HTTP {exc.status})", container_id) from exc
+        raise error(
+            f"{action} failed: {exc.message} (HTTP {exc.status})", container_id=container_id, status=exc.status
+        ) from exc
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise DockerUnavailableError(f"{action} failed: the Docker engine does not answer. {ENGINE_HINT}") from exc
 

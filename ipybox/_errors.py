@@ -44,7 +44,9 @@ from typing import Any
 class IpyboxError(Exception):
     """Root of all errors raised by ipybox.
 
-    Every ipybox error is built the same way: a message, then keyword-only context.
+    Every ipybox error is built the same way: a message, then keyword-only context (two build their
+    message from fields instead: `ImageNotFoundError(tag, reason)` and `DependencyFileError(path,
+    line_number, line, reason)`; `ExecutionError` carries its `trace` after the message).
 
     Attributes:
         container_id: The container concerned, when known.
@@ -89,7 +91,8 @@ class ImageNotFoundError(ImageError):
         detail = f" ({reason})" if reason else ""
         super().__init__(
             f"Image {tag!r} is not available locally and could not be pulled{detail}. "
-            f"Build it with: ipybox build -t {tag}"
+            f"Build it with: ipybox build -t {tag}",
+            option=f"ipybox build -t {tag}",
         )
 
 
@@ -110,7 +113,7 @@ class DependencyFileError(BuildError):
 class ContainerError(IpyboxError):
     """A container could not be created, started or inspected."""
 
-    def __init__(self, message: str, container_id: str | None = None, **context: Any) -> None:
+    def __init__(self, message: str, *, container_id: str | None = None, **context: Any) -> None:
         prefix = f"container {container_id[:12]}: " if container_id else ""
         super().__init__(prefix + message, container_id=container_id, **context)
 
@@ -156,15 +159,9 @@ class ExecutionOutcomeUnknownError(IpyboxError):
         kernel_id: The kernel the execution was sent to.
     """
 
-    def __init__(self, message: str, kernel_id: str | None = None, **context: Any) -> None:
-        super().__init__(message, kernel_id=kernel_id, **context)
-
 
 class KernelError(IpyboxError):
     """The kernel misbehaved or refused an execution."""
-
-    def __init__(self, message: str, kernel_id: str | None = None, **context: Any) -> None:
-        super().__init__(message, kernel_id=kernel_id, **context)
 
 
 class ExecutionError(KernelError):
@@ -175,8 +172,8 @@ class ExecutionError(KernelError):
         trace: the traceback as plain text (no ANSI escape codes).
     """
 
-    def __init__(self, message: str, trace: str | None = None, kernel_id: str | None = None, **context: Any) -> None:
-        super().__init__(message, kernel_id, **context)
+    def __init__(self, message: str, trace: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
         self.message = message
         self.trace = trace
 
@@ -196,9 +193,6 @@ class KernelDiedError(KernelError):
 class ResourceError(IpyboxError):
     """The resource server rejected a request."""
 
-    def __init__(self, message: str, status: int | None = None, **context: Any) -> None:
-        super().__init__(message, status=status, **context)
-
 
 class ExecutionTimeoutError(IpyboxError, TimeoutError):
     """An execution did not finish within its timeout.
@@ -211,7 +205,7 @@ class ExecutionTimeoutError(IpyboxError, TimeoutError):
             state (variables, imports) is lost. False when it was only interrupted and keeps its state.
     """
 
-    def __init__(self, message: str, restarted: bool = False, **context: Any) -> None:
+    def __init__(self, message: str, *, restarted: bool = False, **context: Any) -> None:
         super().__init__(message, **context)
         self.restarted = restarted
 
@@ -219,8 +213,8 @@ class ExecutionTimeoutError(IpyboxError, TimeoutError):
 class RemoteFileNotFoundError(ResourceError, FileNotFoundError):
     """A file or directory in the sandbox does not exist."""
 
-    def __init__(self, message: str, status: int | None = 404, **context: Any) -> None:
-        ResourceError.__init__(self, message, status, **context)
+    def __init__(self, message: str, *, status: int | None = 404, **context: Any) -> None:
+        ResourceError.__init__(self, message, status=status, **context)
 
 
 class RemotePathError(ResourceError, ValueError):

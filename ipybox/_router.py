@@ -515,7 +515,7 @@ class Router:
             KernelDiedError(
                 f"kernel {self.kernel_id} died during execution{cause} and {what}; its state "
                 "(variables, imports) is lost",
-                self.kernel_id,
+                kernel_id=self.kernel_id,
             )
         )
 
@@ -538,7 +538,7 @@ def outcome_unknown(why: str, kernel_id: str | None) -> ExecutionOutcomeUnknownE
     return ExecutionOutcomeUnknownError(
         f"{why}; the outcome of the execution is unknown: its code may or may not have run (fully or in "
         "part). It was not executed again; check the sandbox's state before running it again.",
-        kernel_id,
+        kernel_id=kernel_id,
     )
 
 
@@ -549,5 +549,5 @@ def aborted_error(route: Route) -> ExecutionAbortedError:
         f"the execution did not run: kernel {route.kernel_id} skipped it because an earlier execution "
         f"failed{why} and was submitted with stop_on_error; nothing of its code ran. Submit it again "
         "once the earlier failure is dealt with, or await each execution before submitting the next.",
-        route.kernel_id,
+        kernel_id=route.kernel_id,
     )

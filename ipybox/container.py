@@ -488,12 +488,13 @@ class ExecutionContainer:
             raise ContainerStartError(
                 f"the servers did not become ready within startup_timeout={self.startup_timeout} s. "
                 f"Output so far:\n{_tail(output)}",
-                self._container.id,
+                container_id=self._container.id,
+                option="ExecutionContainer(startup_timeout=...)",
             ) from None
         if not ready:
             raise ContainerStartError(
                 f"the container exited before its servers became ready. Output:\n{_tail(output)}",
-                self._container.id,
+                container_id=self._container.id,
             )
 
     async def _read_ports(self) -> None:
@@ -518,7 +519,8 @@ class ExecutionContainer:
             if time.monotonic() >= deadline:
                 raise ContainerStartError(
                     f"host ports were not allocated within port_allocation_timeout={self._port_allocation_timeout} s",
-                    self._container.id,
+                    container_id=self._container.id,
+                    option="ExecutionContainer(port_allocation_timeout=...)",
                 )
             await asyncio.sleep(0.05)
 
@@ -596,18 +598,18 @@ async def _remove(container: Any, docker: aiodocker.Docker | None) -> None:
                     await container.delete(force=True, v=True)
             except aiodocker.DockerError as exc:
                 if exc.status != 404:  # already gone is what we want
-                    raise ContainerError(f"removing failed: {exc.message}", container.id) from exc
+                    raise ContainerError(f"removing failed: {exc.message}", container_id=container.id) from exc
             except TimeoutError:
                 raise ContainerError(
                     f"removing did not finish within {_REMOVE_TIMEOUT:.0f} s; the engine may still remove it, "
                     "else `ipybox cleanup` does",
-                    container.id,
+                    container_id=container.id,
                 ) from None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 raise ContainerError(
                     f"removing failed: the Docker engine does not answer ({exc}); `ipybox cleanup` removes it "
                     "once the engine is back",
-                    container.id,
+                    container_id=container.id,
                 ) from exc
     finally:
         if docker is not None:

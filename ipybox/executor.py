@@ -263,7 +263,9 @@ class Execution:
                 self._finish(aborted_error(route))
             elif route.error is not None:
                 self._finish(
-                    ExecutionError(f"{route.error.name}: {route.error.value}", route.error.traceback, route.kernel_id)
+                    ExecutionError(
+                        f"{route.error.name}: {route.error.value}", route.error.traceback, kernel_id=route.kernel_id
+                    )
                 )
             else:
                 self._finish(None)
@@ -541,7 +543,7 @@ class ExecutionClient:
                 kernel_id=self.kernel_id,
             )
         if self._router.kernel is KernelState.DEAD:
-            raise KernelDiedError(f"kernel {self.kernel_id} died and could not be restarted", self.kernel_id)
+            raise KernelDiedError(f"kernel {self.kernel_id} died and could not be restarted", kernel_id=self.kernel_id)
         await channel.ready_for_request()
         route = self._router.register(limit, limit if limit is not None else self.max_output_bytes)
         await channel.send(

@@ -152,10 +152,10 @@ async def raise_for_response(response: aiohttp.ClientResponse, action: str) -> N
             "containers not started by this user"
         )
     if response.status == 400:
-        raise RemotePathError(message, response.status)
+        raise RemotePathError(message, status=response.status)
     if response.status == 404:
-        raise RemoteFileNotFoundError(message, response.status)
-    raise ResourceError(message, response.status)
+        raise RemoteFileNotFoundError(message, status=response.status)
+    raise ResourceError(message, status=response.status)
 
 
 @contextmanager

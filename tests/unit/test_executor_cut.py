@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 import ipybox
 from ipybox._router import CutWindow as _CutWindow
 from ipybox._router import is_idle as _is_idle
@@ -110,3 +112,21 @@ def test_repeated_nudges_with_the_same_request_id_each_excuse_their_messages() -
     assert window.complete_through(numbered(30, "status"))
     window.seen.discard(21)
     assert not window.complete_through(numbered(30, "status"))
+
+
+def test_every_error_takes_a_message_and_keyword_only_context() -> None:
+    """One constructor shape: message, then container_id/kernel_id/status/option by keyword."""
+    special = {ipybox.ImageNotFoundError, ipybox.DependencyFileError}
+    errors = [
+        value
+        for value in vars(ipybox).values()
+        if isinstance(value, type) and issubclass(value, ipybox.IpyboxError) and value not in special
+    ]
+    assert len(errors) > 15
+    for cls in errors:
+        error = cls("m", container_id="c" * 64, kernel_id="k", status=409, option="x=...")
+        assert (error.container_id, error.kernel_id, error.status, error.option) == ("c" * 64, "k", 409, "x=..."), cls
+        assert str(error).endswith("m"), cls
+        if not issubclass(cls, ipybox.ExecutionError):  # its second argument is the trace
+            with pytest.raises(TypeError):
+                cls("m", "positional context")

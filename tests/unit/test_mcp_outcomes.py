@@ -19,7 +19,7 @@ class AbortingSandbox:
         raise ExecutionAbortedError(
             "the execution did not run: kernel k skipped it because an earlier execution failed "
             "(ZeroDivisionError: division by zero)",
-            "k",
+            kernel_id="k",
         )
 
 
