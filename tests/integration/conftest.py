@@ -53,7 +53,11 @@ async def _engine_and_image_present() -> AsyncIterator[None]:
     try:
         leftovers = await docker.containers.list(all=True, filters={"label": [f"{SESSION_LABEL}={SESSION_ID}"]})
         for container in leftovers:
-            await container.delete(force=True)
+            try:
+                await container.delete(force=True)
+            except aiodocker.DockerError as exc:  # 409: a removal already in progress; go on with the rest
+                if exc.status != 409:
+                    raise
         assert not leftovers, f"{len(leftovers)} test container(s) were left behind"
     finally:
         await docker.close()

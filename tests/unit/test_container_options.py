@@ -123,7 +123,9 @@ def test_invalid_app_size_raises(value: int | str) -> None:
         ExecutionContainer(app_size=value)
 
 
-def test_caps_beyond_the_memory_limit_warn(caplog: pytest.LogCaptureFixture) -> None:
+def test_caps_beyond_the_memory_limit_warn(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each configuration warns once per process: start from none warned, whatever ran before.
+    monkeypatch.setattr("ipybox.container._warned_file_caps", set())
     with caplog.at_level("WARNING", logger="ipybox.container"):
         ExecutionContainer(memory_limit="4g")  # defaults: 2g + 1g fit
         ExecutionContainer(memory_limit=None, app_size="64g")  # no memory limit: nothing to compare
