@@ -9,7 +9,6 @@ SIGTERM/SIGINT, the container is removed.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -20,7 +19,8 @@ from mcp.server import MCPServer
 from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent
 
 from ipybox._errors import ExecutionError, IpyboxError
-from ipybox._mcp_session import PathNotAllowedError, Sandbox, SandboxOptions, png_bytes
+from ipybox._mcp_session import PathNotAllowedError, Sandbox, SandboxOptions
+from ipybox.outputs import image_payloads
 
 logger = logging.getLogger("ipybox.mcp")
 
@@ -65,9 +65,9 @@ def create_server(sandbox: Sandbox) -> MCPServer:
         except (IpyboxError, RuntimeError) as exc:
             return _error(str(exc))
         content: list[ContentBlock] = [TextContent(type="text", text=result.text or "(no output)")]
-        for image in result.images:
-            data = base64.b64encode(png_bytes(image)).decode()
-            content.append(ImageContent(type="image", data=data, mime_type="image/png"))
+        # Each image as the kernel sent it (PNG, or JPEG with its own type): never decoded here.
+        for mime, data in image_payloads(result.outputs):
+            content.append(ImageContent(type="image", data=data, mime_type=mime))
         return CallToolResult(content=content)
 
     @server.tool(
