@@ -19,14 +19,27 @@ _ESCAPES = re.compile(
 _UNFINISHED_ESCAPE = re.compile(r"(?:" + _STRING_SEQUENCE + r"|(?:\x1b\[|\x9b)[0-?]*[ -/]*|\x1b[ -/]*)\Z")
 
 
+_C1_INTRODUCERS = "\x90\x98\x9b\x9d\x9e\x9f"
+
+
+def _may_escape(text: str) -> bool:
+    """Whether `text` has a character that starts an escape sequence. `in` and `isascii` are C scans,
+    about a hundred times faster than the regular expression looking at every position."""
+    if "\x1b" in text:
+        return True
+    return not text.isascii() and any(introducer in text for introducer in _C1_INTRODUCERS)
+
+
 def strip_escapes(text: str) -> str:
     """Remove terminal escape sequences (CSI, OSC, DCS, ...) so output cannot drive a terminal."""
-    return _ESCAPES.sub("", text) if _ESCAPES.search(text) else text
+    return _ESCAPES.sub("", text) if _may_escape(text) and _ESCAPES.search(text) else text
 
 
 def split_unfinished_escape(text: str) -> tuple[str, str]:
     """Split off an escape sequence that the end of a stream chunk cut in two."""
     tail = text[-MAX_ESCAPE_CARRY:]
+    if not _may_escape(tail):
+        return text, ""
     match = _UNFINISHED_ESCAPE.search(tail)
     if match is None:
         return text, ""

@@ -27,14 +27,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import json
 import time
 import uuid
 from typing import Any
 
 from ipybox._errors import ExecutionAbortedError, ExecutionOutcomeUnknownError, KernelDiedError
 from ipybox._escapes import split_unfinished_escape, strip_escapes
-from ipybox.outputs import IMAGE_TYPES, ErrorInfo, Output, error_info, output_from_content
+from ipybox.outputs import ErrorInfo, Output, bundle_charge, dropped_image_output, error_info, output_from_content
 
 ITEM_OVERHEAD = 64
 """Bytes each kept output is charged besides its content: the bookkeeping of a tiny output is
@@ -258,17 +257,29 @@ class Route:
         return utf8_head(text, room - ITEM_OVERHEAD) if room > ITEM_OVERHEAD else ""
 
     def _output(self, msg_type: str, output: Output) -> None:
-        """A MIME bundle is kept whole when it fits. One that does not fit is reduced to (the head of)
-        its text/plain, marked `truncated`, unless it carries an image or is an update: those are
-        dropped whole."""
-        size = bundle_size(output)
-        if self._fits(size):
+        """A MIME bundle is kept whole when it fits. An image bundle that does not fit, or whose image
+        cannot be decoded, is replaced by a marked output (`dropped_image_output`); any other bundle
+        that does not fit is reduced to (the head of) its text/plain, marked `truncated`, unless it
+        is an update: that is dropped whole."""
+        charge = bundle_charge(output)
+        size = charge.size
+        if charge.unreadable is None and self._fits(size):
             self.used += size + ITEM_OVERHEAD
             self._put(("output", msg_type, output))
             return
+        if charge.has_image:
+            marked = dropped_image_output(output, charge, cap=self.cap_name, room=self._room())
+            marked_size = bundle_charge(marked).size
+            if self._fits(marked_size):
+                self.used += marked_size + ITEM_OVERHEAD
+                self._put(("output", msg_type, marked))
+            else:
+                self.drop(marked_size)
+            if charge.unreadable is None:  # an undecodable image is not output past the cap
+                self.drop(size)
+            return
         plain = output.data.get("text/plain")
-        image = any(mime in output.data for mime in IMAGE_TYPES)
-        head = "" if image or msg_type == "update_display_data" or not isinstance(plain, str) else self._head(plain)
+        head = "" if msg_type == "update_display_data" or not isinstance(plain, str) else self._head(plain)
         if head:
             kept = utf8_size(head)
             self.used += kept + ITEM_OVERHEAD
@@ -297,27 +308,6 @@ class Route:
             self._put(("error", info))
         else:
             self.drop(size)
-
-
-def bundle_size(output: Output) -> int:
-    """The bytes a MIME bundle is charged: images decoded, text as UTF-8, JSON values as JSON.
-
-    The names of MIME types other than text/plain and images count too, so a bundle of many empty
-    types cannot slip past the cap.
-    """
-    size = 0
-    for mime, value in output.data.items():
-        if mime == "text/plain" and isinstance(value, str):
-            size += utf8_size(value) + (0 if value.endswith("\n") else 1)
-        elif mime in IMAGE_TYPES and isinstance(value, str):
-            size += len(value) * 3 // 4 - value[-2:].count("=")
-        elif isinstance(value, str):
-            size += len(mime) + utf8_size(value)
-        else:
-            size += len(mime) + len(json.dumps(value, separators=(",", ":"), default=str))
-    if output.metadata:
-        size += len(json.dumps(output.metadata, separators=(",", ":"), default=str))
-    return size
 
 
 class CutWindow:

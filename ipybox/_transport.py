@@ -186,9 +186,15 @@ class KernelTransport:
         """The decoded messages of `ws`; the last item is always a `Closed` saying how it ended."""
         async for frame in ws:
             if frame.type is aiohttp.WSMsgType.BINARY:
-                yield _wire.decode_v1(frame.data)
+                channel, parts = _wire.split_v1(frame.data)
+                del frame  # the frame's bytes go before the JSON is parsed: one copy of a big message less
+                yield _wire.parse_v1(channel, parts)
             elif frame.type is aiohttp.WSMsgType.TEXT:
-                yield _wire.decode_json(frame.data)
+                text = frame.data
+                del frame
+                message = _wire.decode_json(text)
+                del text  # not kept while the message is routed
+                yield message
             elif frame.type is aiohttp.WSMsgType.ERROR:
                 exc = frame.data
                 if isinstance(exc, aiohttp.WebSocketError) and exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:

@@ -33,7 +33,7 @@ from ipybox._errors import (
 from ipybox._history import History, write_notebook
 from ipybox._router import IDLE, STARTED, KernelState, Phase, Route, Router, Terminal, aborted_error
 from ipybox._transport import FRAME_SLACK, KernelTransport
-from ipybox.outputs import IMAGE_TYPES, Display, ErrorInfo, Event, Output, OutputArea, decode_image
+from ipybox.outputs import IMAGE_TYPES, Display, ErrorInfo, Event, Output, OutputArea, TextLog, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,7 @@ class Execution:
         self._client = client
         self._route = route
         self._queue = route.queue
-        # The text lists share their strings: `_chunks` is all text in order (for `text`).
-        self._chunks: list[str] = []
-        self._stdout: list[str] = []
-        self._stderr: list[str] = []
+        self._log = TextLog()  # all text in order, for `text`, `stdout` and `stderr`
         self._images: list[Image.Image] = []
         self._area = OutputArea()
         self._error: Exception | None = None
@@ -148,14 +145,14 @@ class Execution:
         if self._error is not None and (raise_on_error or not failed):
             raise self._error
         route = self._route
-        text = _join_stripped(self._chunks, route.marker() if route.truncated else "")
+        text, stdout, stderr = self._log.strings(route.marker() if route.truncated else "", self._area)
         return ExecutionResult(
             text=text or None,
             images=list(self._images),
             truncated=route.truncated,
             dropped_bytes=route.dropped,
-            stdout="".join(self._stdout),
-            stderr="".join(self._stderr),
+            stdout=stdout,
+            stderr=stderr,
             outputs=self._area.outputs,
             execution_count=route.execution_count,
             duration=route.duration,
@@ -230,8 +227,7 @@ class Execution:
         kind = item[0]
         if kind == "stream":
             _, name, text = item
-            self._chunks.append(text)
-            (self._stderr if name == "stderr" else self._stdout).append(text)
+            self._log.stream(name, text)
             return text, self._area.stream(name, text)
         if kind == "output":
             _, msg_type, output = item
@@ -249,7 +245,7 @@ class Execution:
                     logger.debug("an image output of execution %s could not be decoded", self.msg_id)
             elif (plain := output.text) is not None:
                 text = plain if plain.endswith("\n") else plain + "\n"
-                self._chunks.append(text)
+                self._log.output(text)
             return text, self._area.show(output)
         if kind == "clear":
             return None, self._area.clear(item[1])
@@ -618,24 +614,6 @@ class ExecutionClient:
         if self._transport is None or self._state is not ClientState.CONNECTED:
             raise InvalidStateError("ExecutionClient is not connected: call connect() first")
         return self._transport
-
-
-def _join_stripped(chunks: list[str], suffix: str) -> str:
-    """`"".join(chunks).strip()` plus `suffix` on its own line, with one copy of the text, not three."""
-    start, end = 0, len(chunks)
-    while start < end and (not chunks[start] or chunks[start].isspace()):
-        start += 1
-    while end > start and (not chunks[end - 1] or chunks[end - 1].isspace()):
-        end -= 1
-    if start == end:
-        return suffix
-    if end - start == 1:
-        parts = [chunks[start].strip()]
-    else:
-        parts = [chunks[start].lstrip(), *chunks[start + 1 : end - 1], chunks[end - 1].rstrip()]
-    if suffix:
-        parts.append("\n" + suffix)
-    return "".join(parts)
 
 
 def _check_limit(limit: int | None) -> int | None:

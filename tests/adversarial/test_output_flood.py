@@ -124,9 +124,13 @@ async def test_images_count_toward_the_cap(client: ExecutionClient) -> None:
         "from PIL import Image\nimport numpy as np\nfrom IPython.display import display\n"
         "for _ in range(5):\n    display(Image.fromarray(np.random.randint(0, 255, (300, 300, 3), dtype=np.uint8)))"
     )
-    result = await client.execute(code, max_output_bytes=600_000)
-    assert 1 <= len(result.images) < 5
-    assert result.truncated and result.dropped_bytes > 200_000
+    # Each 300 x 300 PNG of noise is charged about 1 MB: 360 KB decoded (4 bytes a pixel in PIL),
+    # about 270 KB encoded and 360 KB of base64 (plus the bundle's JPEG, as text).
+    result = await client.execute(code, max_output_bytes=2_500_000)
+    assert len(result.images) == 2
+    assert result.truncated and result.dropped_bytes > 3 * 900_000
+    dropped = [output.text or "" for output in result.outputs if output.truncated]
+    assert len(dropped) == 3 and all(text.startswith("[image dropped: 300x300 PNG") for text in dropped)
 
 
 async def test_escape_sequences_are_stripped(client: ExecutionClient) -> None:

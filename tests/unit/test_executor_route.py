@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any
+
+from PIL import Image
 
 from ipybox._router import ITEM_OVERHEAD as _ITEM_OVERHEAD
 from ipybox._router import Route as _Route
-from ipybox.executor import _join_stripped
-from ipybox.outputs import ErrorInfo, Output
+from ipybox.outputs import ErrorInfo, Output, TextLog, bundle_charge
 
 
 def stream(text: str) -> dict[str, Any]:
@@ -95,15 +97,35 @@ def test_tiny_outputs_are_charged_their_bookkeeping() -> None:
     assert route.dropped == 900 * size
 
 
-def test_images_count_and_are_dropped_whole() -> None:
-    png = base64.b64encode(b"\x89PNG" + b"\0" * 996).decode()
-    route = _Route("id", 2500, 2500, raw=False)
+def png(size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "red").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_images_are_charged_decoded_and_replaced_by_a_mark_when_they_do_not_fit() -> None:
+    data = {"image/png": png((20, 10)), "text/plain": "<Figure>"}
+    size = bundle_charge(Output(data)).size  # 20 x 10 x 4 decoded + base64 + encoded + "<Figure>\n"
+    assert size > 800 + len(data["image/png"])
+    route = _Route("id", 2 * (size + _ITEM_OVERHEAD) + 500, 2500, raw=False)
     for _ in range(3):
-        route.deliver(display({"image/png": png, "text/plain": "<Figure>"}))
+        route.deliver(display(data))
     items = drain(route)
-    assert [item[0] for item in items] == ["output", "output", "marker"]
-    # Decoded image bytes and the text (kept in `outputs`, not in `text`).
-    assert route.dropped == 1000 + len("<Figure>\n")
+    assert [item[0] for item in items] == ["output", "output", "output", "marker"]
+    marked = items[2][2]
+    assert marked.truncated and marked.mime_types == ["text/plain"]
+    assert marked.text.startswith("[image dropped: 20x10 PNG would decode to 800 bytes; with its encoded data")
+    assert marked.text.endswith("past max_output_bytes=2500 (500 bytes left)]")
+    assert route.dropped == size
+
+
+def test_an_undecodable_image_is_marked_whatever_the_room() -> None:
+    route = _Route("id", None, None, raw=False)
+    route.deliver(display({"image/png": base64.b64encode(b"\x89PNG" + b"\0" * 996).decode(), "text/plain": "<F>"}))
+    [(kind, msg_type, marked)] = drain(route)
+    assert (kind, msg_type) == ("output", "display_data") and marked.truncated
+    assert marked.text == "[image dropped: image/png cannot be decoded: not a PNG (no PNG signature)]"
+    assert not route.truncated and route.dropped == 0
 
 
 def test_no_limit_keeps_everything() -> None:
@@ -133,14 +155,21 @@ def test_escape_split_between_stream_messages_is_held_and_stripped() -> None:
     assert texts(drain(route)) == ["a", "b"]
 
 
+def joined(chunks: list[str], suffix: str) -> str:
+    log = TextLog()
+    for chunk in chunks:
+        log.stream("stdout", chunk)
+    return log.strings(suffix)[0]
+
+
 def test_join_stripped() -> None:
-    assert _join_stripped([], "") == ""
-    assert _join_stripped(["\n", " "], "") == ""
-    assert _join_stripped(["\n", " "], "[m]") == "[m]"
-    assert _join_stripped(["  a\n"], "") == "a"
-    assert _join_stripped(["\n", " a", "b ", "c\n", "\n"], "[m]") == "a" + "b " + "c\n[m]"
+    assert joined([], "") == ""
+    assert joined(["\n", " "], "") == ""
+    assert joined(["\n", " "], "[m]") == "[m]"
+    assert joined(["  a\n"], "") == "a"
+    assert joined(["\n", " a", "b ", "c\n", "\n"], "[m]") == "a" + "b " + "c\n[m]"
     chunks = ["  x\n", "y", " z  \n"]
-    assert _join_stripped(chunks, "") == "".join(chunks).strip()
+    assert joined(chunks, "") == "".join(chunks).strip()
 
 
 def message(msg_type: str, **content: Any) -> dict[str, Any]:

@@ -19,6 +19,13 @@ copy ends itself (`os._exit`, no output and no reply):
   swarm at once: its copies keep forking, and each failed fork would otherwise free a pid for the
   next. (The kernel then goes on forking children that end at once, until it fails too.)
 
+Stream output goes out in messages of at most `STREAM_CHUNK` characters (`ChunkedOutStream`, set as
+`--IPKernelApp.outstream_class`). ipykernel sends all the text buffered since its last flush as one
+message: a 500 MB `print` was one 500 MB message, which a client refuses by its header (past its output
+cap) by closing the connection, and the gateway loses what it had queued behind it on that connection:
+the execution's reply and idle status, so whether the cell raised was unknown. In chunks, the client
+reads every message, counts what it drops past its cap exactly, and sees the end.
+
 Untouched: `multiprocessing` children (they never return into the kernel, and forks made in them are
 theirs: a Pool created in one cell serves the next), `subprocess` (the child execs at once) and a
 forked child that ends itself. The kernel reaps its own children that ended this way, so no zombie
@@ -33,10 +40,15 @@ import sys
 import threading
 from typing import Any
 
+from ipykernel.iostream import OutStream
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.zmqshell import ZMQInteractiveShell
 from tornado.ioloop import IOLoop
 from traitlets import Type
+
+STREAM_CHUNK = 128 * 1024
+"""Characters of stream text per message: at most 768 KiB of JSON even when every character needs a
+six-byte escape, under the 1 MiB a client reads past its output cap."""
 
 _PID = struct.Struct("=i")
 _REAP_INTERVAL = 0.05
@@ -218,3 +230,15 @@ class IpyboxKernel(IPythonKernel):  # type: ignore[misc]
     def start(self) -> None:
         super().start()
         fork_guard().attach(self.io_loop)
+
+
+class ChunkedOutStream(OutStream):  # type: ignore[misc]
+    """ipykernel's stdout/stderr, flushing in messages of at most `STREAM_CHUNK` characters."""
+
+    def _flush_buffers(self) -> Any:
+        for parent, data in super()._flush_buffers():
+            if len(data) <= STREAM_CHUNK:
+                yield parent, data
+                continue
+            for start in range(0, len(data), STREAM_CHUNK):
+                yield parent, data[start : start + STREAM_CHUNK]

@@ -19,7 +19,7 @@ if __name__ == "__main__":
 
     from ipybox_server.kernel_app import IpyboxKernel
 
-    app = IPKernelApp.instance(kernel_class=IpyboxKernel)
+    app = IPKernelApp.instance(kernel_class=IpyboxKernel, outstream_class="ipybox_server.kernel_app.ChunkedOutStream")
     app.initialize(["-f", sys.argv[1]])
     # The first cell of a fresh IPython pays for lazy set-up (compiler, display hooks); pay it here.
     app.shell.run_cell("pass", store_history=False, silent=True)
