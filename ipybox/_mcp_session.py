@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import tempfile
@@ -13,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from ipybox._errors import ImageNotFoundError
 from ipybox.executor import ExecutionClient, ExecutionResult
@@ -228,12 +225,6 @@ def truncate_middle(text: str, limit: int, saved_path: str) -> str:
     omitted = len(text) - head - tail
     marker = f"\n\n[... {omitted:,} characters omitted; full output saved to {saved_path} ...]\n\n"
     return text[:head] + marker + text[len(text) - tail :]
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def parse_key_values(pairs: list[str], what: str) -> dict[str, str]:

@@ -40,10 +40,11 @@ Run Python code in the sandbox's IPython kernel and return its output.
 - Top-level `await` works; do not call `asyncio.run` (the kernel already runs an event loop).
 - The working directory is /app (uploaded files land there); files persist across calls and resets.
 - Output is stdout, stderr, the last expression's value, and displayed objects; plots (e.g.
-  matplotlib with plt.show()) come back as PNG images.
+  matplotlib with plt.show()) come back as images (PNG, or JPEG as the cell made them).
 - Long output is cut in the middle; the full text is saved to a file in /app/.ipybox/outputs/ (named
   in the output) that a later cell can read.
-- `timeout` (seconds) interrupts a cell that runs longer; the kernel keeps its state.
+- `timeout` (seconds) interrupts a cell that runs longer, counted from when the cell starts; the
+  kernel keeps its state.
 """
 
 

@@ -43,7 +43,9 @@ CLIENT = textwrap.dedent(
 
 # name: (code, max_output_bytes, bytes of output the code produces)
 FLOODS = {
-    # One message of about 1 GB (the kernel flushes stdout rarely): refused by its header, never read.
+    # About 1 GB written between two flushes: the kernel sends it in 128 Ki-character messages, each
+    # read, counted and dropped past the cap (one message of 1 GB would be refused unread, losing the
+    # execution's end behind it).
     "1GB-stdout": (
         "import sys\nfor _ in range(1000):\n    sys.stdout.write('x' * 10**6)",
         DEFAULT_MAX_OUTPUT_BYTES,

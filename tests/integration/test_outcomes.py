@@ -136,9 +136,10 @@ async def _proxied_client(container: ExecutionContainer, **options: Any) -> tupl
     return proxy, client
 
 
-# One stream message of 2 MB: more than max_output_bytes=1000 plus the 1 MiB frame slack, so the
-# client refuses it by its header and re-opens the websocket.
-OVERSIZE = "import sys, time; sys.stdout.write('x' * 2_000_000); sys.stdout.flush(); time.sleep(0.3); print('end')"
+# One display message of 2 MB: more than max_output_bytes=1000 plus the 1 MiB frame slack, so the
+# client refuses it by its header and re-opens the websocket. (Stream text would not do: the kernel
+# sends it in chunks the client can read.)
+OVERSIZE = "import time; display({'text/html': 'x' * 2_000_000}, raw=True); time.sleep(0.3); print('end')"
 
 
 async def test_oversize_reopen_retries_like_a_cut(container: ExecutionContainer) -> None:
