@@ -9,7 +9,7 @@ tested from recorded message sequences (tests/unit/test_router.py).
 
 An execution's life, `Route.phase`:
 
-    QUEUED ──busy──▶ RUNNING ──idle and reply──▶ FINISHED  (result, the code's error, or aborted)
+    QUEUED ──head of the queue, or busy──▶ RUNNING ──idle and reply──▶ FINISHED  (result, error, aborted)
        │                │
        └────────────────┴──terminal──▶ FAILED        (kernel died or restarted, connection lost,
                                                       outcome unknown after a cut)
@@ -133,11 +133,7 @@ class Route:
         if self.raw:
             self.queue.put_nowait(message)
             return False
-        if self.phase is Phase.QUEUED:
-            # Normally the kernel's busy status for it; any message of it will do (a cut may have
-            # lost the busy), so a running execution's timeout clock always starts.
-            self.phase = Phase.RUNNING
-            self.queue.put_nowait(STARTED)
+        self.start()  # any message of it says the kernel runs it
         msg_type = message["msg_type"]
         content = message["content"]
         if msg_type == "stream":
@@ -173,6 +169,12 @@ class Route:
             self.finish()
             return True
         return False
+
+    def start(self) -> None:
+        """The kernel runs this request now (or is about to): its timeout clock starts."""
+        if self.phase is Phase.QUEUED and not self.raw:
+            self.phase = Phase.RUNNING
+            self.queue.put_nowait(STARTED)
 
     def finish(self) -> None:
         if not self.done:
@@ -389,6 +391,7 @@ class Router:
         route = Route(uuid.uuid4().hex, limit, cap_name, raw)
         route.kernel_id = self.kernel_id
         self.pending[route.msg_id] = route
+        self._start_head()
         if self.window is not None:
             self.window.ours.add(route.msg_id)
         return route
@@ -397,6 +400,16 @@ class Router:
         """Stop routing to `route` (ended, never sent, or given up by its reader)."""
         if self.pending.get(route.msg_id) is route:
             del self.pending[route.msg_id]
+            self._start_head()
+
+    def _start_head(self) -> None:
+        """The oldest pending execution is the one the kernel runs: it serves this client's requests
+        one at a time, in order. This starts its clock even when the kernel cannot say so: code that
+        holds the GIL in C (`sum(range(10**15))`) keeps the kernel's IOPub thread from sending busy."""
+        for route in self.pending.values():
+            if not route.raw:
+                route.start()
+                return
 
     def executions(self) -> list[Route]:
         """Pending executions (not the client's own kernel_info requests), oldest first."""

@@ -74,15 +74,27 @@ def feed(router: Router, messages: list[dict[str, Any]]) -> list[Route]:
 
 def test_an_execution_is_queued_then_running_then_finished() -> None:
     router, kernel = Router("k"), Kernel()
-    route = router.register(1000, 1000)
-    assert route.phase is Phase.QUEUED
-    messages = kernel.run(route.msg_id, text="hi\n")
-    feed(router, messages[:1])
-    assert route.phase is Phase.RUNNING
-    feed(router, messages[1:])
-    assert route.phase is Phase.FINISHED and not router.pending
-    assert items(route) == [STARTED, ("stream", "stdout", "hi\n"), IDLE]
-    assert route.execution_count == 1
+    first = router.register(1000, 1000)
+    second = router.register(1000, 1000)
+    # The oldest pending execution is the one the kernel runs: its clock starts at once.
+    assert first.phase is Phase.RUNNING and second.phase is Phase.QUEUED
+    messages = kernel.run(first.msg_id, text="hi\n")
+    feed(router, messages)
+    assert first.phase is Phase.FINISHED
+    assert items(first) == [STARTED, ("stream", "stdout", "hi\n"), IDLE]
+    assert first.execution_count == 1
+    # It ended, so the kernel runs the next one now, even before any message of it arrives (code
+    # holding the GIL in C keeps the kernel from sending busy).
+    assert second.phase is Phase.RUNNING and items(second) == [STARTED]
+    feed(router, kernel.run(second.msg_id))
+    assert second.phase is Phase.FINISHED and not router.pending
+
+
+def test_a_cancelled_head_starts_the_next() -> None:
+    router = Router("k")
+    first, second = router.register(1000, 1000), router.register(1000, 1000)
+    router.forget(first)
+    assert second.phase is Phase.RUNNING
 
 
 def test_a_request_skipped_after_a_failure_is_aborted_and_names_the_failure() -> None:

@@ -1,7 +1,7 @@
 """The sandbox's kernel: ipykernel's, with a guard against forked copies of itself.
 
-Every kernel runs `IpyboxKernel`: the pre-warmed one (`kernel_stub`) and those the gateway spawns,
-whose kernelspec (set in the Dockerfile) adds `--IPKernelApp.kernel_class=` to ipykernel's launch.
+Every kernel runs `IpyboxKernel`: the pre-warmed one (`kernel_stub`) and those the gateway spawns
+(`kernel_launcher`, the kernelspec's entry point set in the Dockerfile).
 
 `os.fork()` in a cell copies the whole kernel: its event loop, its ZeroMQ sockets and the cell in
 progress. A copy that the cell does not end itself (`os._exit`, exec) carries on through the rest of
@@ -19,12 +19,17 @@ copy ends itself (`os._exit`, no output and no reply):
   swarm at once: its copies keep forking, and each failed fork would otherwise free a pid for the
   next. (The kernel then goes on forking children that end at once, until it fails too.)
 
-Stream output goes out in messages of at most `STREAM_CHUNK` characters (`ChunkedOutStream`, set as
-`--IPKernelApp.outstream_class`). ipykernel sends all the text buffered since its last flush as one
-message: a 500 MB `print` was one 500 MB message, which a client refuses by its header (past its output
-cap) by closing the connection, and the gateway loses what it had queued behind it on that connection:
-the execution's reply and idle status, so whether the cell raised was unknown. In chunks, the client
-reads every message, counts what it drops past its cap exactly, and sees the end.
+Stream output goes out in messages of at most `STREAM_CHUNK` characters (`ChunkedOutStream`).
+ipykernel sends all the text buffered since its last flush as one message: a 500 MB `print` was one
+500 MB message, which a client refuses by its header (past its output cap) by closing the
+connection, and the gateway loses what it had queued behind it on that connection: the execution's
+reply and idle status, so whether the cell raised was unknown. In chunks, the client reads every
+message, counts what it drops past its cap exactly, and sees the end. IOPub has no high-water mark
+(`IpyboxKernelApp`): ZeroMQ drops a PUB socket's messages past it (1000 by default), and a cell that
+prints a lot sends thousands at once; dropping the idle status would hang its client.
+
+Kernels start with `python -m ipybox_server.kernel_launcher` (the kernelspec, set in the Dockerfile) or
+as the pre-warmed `kernel_stub`; both run `IpyboxKernelApp`.
 
 Untouched: `multiprocessing` children (they never return into the kernel, and forks made in them are
 theirs: a Pool created in one cell serves the next), `subprocess` (the child execs at once) and a
@@ -40,15 +45,21 @@ import sys
 import threading
 from typing import Any
 
+import zmq
 from ipykernel.iostream import OutStream
 from ipykernel.ipkernel import IPythonKernel
+from ipykernel.kernelapp import IPKernelApp
 from ipykernel.zmqshell import ZMQInteractiveShell
 from tornado.ioloop import IOLoop
-from traitlets import Type
+from traitlets import DottedObjectName, Type
 
 STREAM_CHUNK = 128 * 1024
 """Characters of stream text per message: at most 768 KiB of JSON even when every character needs a
 six-byte escape, under the 1 MiB a client reads past its output cap."""
+
+MAX_MESSAGES_PER_FLUSH = 1000
+"""Stream messages one flush may send (see `ChunkedOutStream`): chunks grow past `STREAM_CHUNK` for
+flushes of more than 128 Mi characters."""
 
 _PID = struct.Struct("=i")
 _REAP_INTERVAL = 0.05
@@ -233,12 +244,35 @@ class IpyboxKernel(IPythonKernel):  # type: ignore[misc]
 
 
 class ChunkedOutStream(OutStream):  # type: ignore[misc]
-    """ipykernel's stdout/stderr, flushing in messages of at most `STREAM_CHUNK` characters."""
+    """ipykernel's stdout/stderr, flushing in messages of `STREAM_CHUNK` characters.
+
+    One flush sends at most `MAX_MESSAGES_PER_FLUSH` messages; bigger flushes get bigger chunks.
+    The flush runs in the IOPub thread, and each message it sends wakes that same thread through a
+    ZeroMQ pipe whose high-water mark (about 2000) blocks the sender: more messages from one flush
+    deadlocked the thread (seen at 300 MB printed at once: no output, no idle, ever).
+    """
 
     def _flush_buffers(self) -> Any:
         for parent, data in super()._flush_buffers():
-            if len(data) <= STREAM_CHUNK:
+            size = max(STREAM_CHUNK, -(-len(data) // MAX_MESSAGES_PER_FLUSH))
+            if len(data) <= size:
                 yield parent, data
                 continue
-            for start in range(0, len(data), STREAM_CHUNK):
-                yield parent, data[start : start + STREAM_CHUNK]
+            for start in range(0, len(data), size):
+                yield parent, data[start : start + size]
+
+
+class IpyboxKernelApp(IPKernelApp):  # type: ignore[misc]
+    """ipykernel's application with ipybox's kernel, stdout/stderr and an IOPub without a high-water mark."""
+
+    kernel_class = Type(IpyboxKernel)
+    outstream_class = DottedObjectName("ipybox_server.kernel_app.ChunkedOutStream")
+
+    def init_iopub(self, context: zmq.Context) -> None:  # type: ignore[type-arg]
+        # A context default, so the option is on the socket before it binds and before any peer
+        # connects (ZeroMQ applies a high-water mark to a connection when it is made).
+        context.setsockopt(zmq.SNDHWM, 0)
+        try:
+            super().init_iopub(context)
+        finally:
+            context.sockopts.pop(zmq.SNDHWM, None)

@@ -3,7 +3,7 @@
 The launcher spawns it before importing the gateway, so its slow start (imports, shell set-up:
 about 0.4 s) overlaps with the gateway's own. When the gateway launches its first kernel,
 `PrewarmedProvisioner` adopts this running process instead of spawning a new one. It is the same
-kernel as the kernelspec's (`kernel_app.IpyboxKernel`).
+kernel as the kernelspec's (`kernel_app.IpyboxKernelApp`).
 """
 
 import sys
@@ -15,11 +15,9 @@ if __name__ == "__main__":
     if sys.path[0] == "" or Path(sys.path[0]) == Path.cwd():
         del sys.path[0]
 
-    from ipykernel.kernelapp import IPKernelApp
+    from ipybox_server.kernel_app import IpyboxKernelApp
 
-    from ipybox_server.kernel_app import IpyboxKernel
-
-    app = IPKernelApp.instance(kernel_class=IpyboxKernel, outstream_class="ipybox_server.kernel_app.ChunkedOutStream")
+    app = IpyboxKernelApp.instance()
     app.initialize(["-f", sys.argv[1]])
     # The first cell of a fresh IPython pays for lazy set-up (compiler, display hooks); pay it here.
     app.shell.run_cell("pass", store_history=False, silent=True)

@@ -114,8 +114,8 @@ def register_provisioner() -> None:
 
 
 def _is_standard_kernel(argv: list[str]) -> bool:
-    """Whether a kernelspec's argv is the plain ipykernel launch that the spare stands in for."""
-    return len(argv) >= 3 and argv[1:3] == ["-m", "ipykernel_launcher"]
+    """Whether a kernelspec's argv is ipybox's kernel launch (or ipykernel's), which the spare stands in for."""
+    return len(argv) >= 3 and argv[1:3] in (["-m", "ipybox_server.kernel_launcher"], ["-m", "ipykernel_launcher"])
 
 
 def _make_provisioner_class() -> type:
