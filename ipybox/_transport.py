@@ -266,7 +266,7 @@ class KernelTransport:
                     if response.status == 403 and "Resource Limit" in await response.text():
                         raise KernelLimitError(
                             f"creating a kernel at {self.base_url} was refused: the container runs its maximum "
-                            "number of kernels; disconnect another client first",
+                            "number of kernels (ExecutionContainer max_kernels); disconnect another client first",
                             status=403,
                             option="ExecutionContainer(max_kernels=...)",
                         )

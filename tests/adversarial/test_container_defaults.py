@@ -45,7 +45,7 @@ async def test_kernels_are_the_oom_victims_not_the_server(shared_container: Exec
         async with ExecutionClient(port=shared_container.executor_port) as second:
             processes = await _processes(second)
             await first.execute("1")
-    kernels = [p for p in processes.values() if "ipykernel" in p["cmd"] or "kernel_stub" in p["cmd"]]
+    kernels = [p for p in processes.values() if _is_kernel(p["cmd"])]
     servers = [p for p in processes.values() if p["cmd"].endswith("-m ipybox_server")]
     assert len(kernels) >= 2 and all(k["oom"] == "1000" for k in kernels), kernels
     assert servers and all(s["oom"] == "0" for s in servers), servers
@@ -115,3 +115,8 @@ async def test_only_the_asked_binds_are_mounted_and_logs_are_bounded(make_contai
     assert info["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "2", "max-size": "10m"}}
     assert info["HostConfig"]["SecurityOpt"] == ["no-new-privileges:true"]
     assert info["HostConfig"]["CapDrop"] == ["ALL"]
+
+
+def _is_kernel(cmd: str) -> bool:
+    """A kernel process: launched by the kernelspec (`ipybox_server.kernel_launcher`) or pre-warmed."""
+    return "kernel_launcher" in cmd or "kernel_stub" in cmd or "ipykernel" in cmd

@@ -86,9 +86,14 @@ async def test_no_process_survives_the_restart(make_container) -> None:  # type:
         )
         after = json.loads((await client.execute(PROCESSES)).text or "[]")
         kernel_pid = int((await client.execute("import os\nprint(os.getpid())")).text or "0")
-    old_kernels = {p["pid"] for p in before if "ipykernel" in p["cmd"] or "kernel_stub" in p["cmd"]}
+    old_kernels = {p["pid"] for p in before if _is_kernel(p["cmd"])}
     assert old_kernels and kernel_pid not in old_kernels
     survivors = [p for p in after if p["pid"] in old_kernels or "time.sleep(600)" in p["cmd"]]
     assert survivors == [], f"left running after the restart: {survivors}"
     # Only the servers and the new kernel (plus this cell's own process listing, gone by now).
     assert {p["pid"] for p in after} - {p["pid"] for p in before} <= {kernel_pid}, after
+
+
+def _is_kernel(cmd: str) -> bool:
+    """A kernel process: launched by the kernelspec (`ipybox_server.kernel_launcher`) or pre-warmed."""
+    return "kernel_launcher" in cmd or "kernel_stub" in cmd or "ipykernel" in cmd

@@ -64,11 +64,13 @@ async def test_secret_is_nowhere_a_kernel_can_read(shared_container: ExecutionCo
 async def test_kernels_are_capped(make_container) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from ipybox import AuthenticationError, ServerConnectionError
+    from ipybox import AuthenticationError, KernelLimitError, ServerConnectionError
 
     container = await make_container(max_kernels=2)
     async with ExecutionClient(port=container.executor_port) as one, ExecutionClient(port=container.executor_port):
         assert (await one.execute("print(1)")).text == "1"
-        with pytest.raises(ServerConnectionError, match="max_kernels") as info:
+        # A refusal, not a lost connection: retrying the same request is refused again.
+        with pytest.raises(KernelLimitError, match="max_kernels") as info:
             await ExecutionClient(port=container.executor_port).connect(retries=1)
-        assert not isinstance(info.value, AuthenticationError)
+        assert not isinstance(info.value, (AuthenticationError, ServerConnectionError))
+        assert info.value.option == "ExecutionContainer(max_kernels=...)"

@@ -8,6 +8,7 @@ bridge's gateway address, which containers on the default bridge reach.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 import subprocess
@@ -65,8 +66,11 @@ async def gateway() -> str:
         info = await network.show()
     finally:
         await docker.close()
-    address: str = info["IPAM"]["Config"][0]["Gateway"]
-    return address
+    config = info["IPAM"]["Config"][0]
+    if "Gateway" in config:
+        return str(config["Gateway"])
+    # Some engines list only the subnet of the default bridge; its gateway is the subnet's first address.
+    return str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
 
 
 @pytest.fixture(scope="module")
