@@ -252,11 +252,6 @@ class ChunkedOutStream(OutStream):  # type: ignore[misc]
     deadlocked the thread (seen at 300 MB printed at once: no output, no idle, ever).
     """
 
-    # Seconds a cell's end waits for its output to be sent (ipykernel: 10). Past it the kernel sends
-    # the cell's reply and idle status while output is still going out, and the client, which ends an
-    # execution at its idle, loses that output's tail (seen with 1 GB printed: about 28 s to send).
-    flush_timeout = 120
-
     def _flush_buffers(self) -> Any:
         for parent, data in super()._flush_buffers():
             size = max(STREAM_CHUNK, -(-len(data) // MAX_MESSAGES_PER_FLUSH))
