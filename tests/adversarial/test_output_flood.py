@@ -46,12 +46,10 @@ FLOODS = {
     # Hundreds of MB written between two flushes: the kernel sends it in 128 Ki-character messages, each
     # read, counted and dropped past the cap (one message of 1 GB would be refused unread, losing the
     # execution's end behind it).
-    # (400 MB, not 1 GB: ipykernel waits 10 s for a cell's output to be sent, then sends the cell's end;
-    # 1 GB takes longer, and output still in flight then arrives after the end and is lost.)
-    "400MB-stdout": (
-        "import sys\nfor _ in range(400):\n    sys.stdout.write('x' * 10**6)",
+    "1GB-stdout": (
+        "import sys\nfor _ in range(1000):\n    sys.stdout.write('x' * 10**6)",
         DEFAULT_MAX_OUTPUT_BYTES,
-        400 * 10**6,
+        10**9,
     ),
     "500MB-line": ("print('x' * 500_000_000)", DEFAULT_MAX_OUTPUT_BYTES, 500_000_001),
     # 200 messages of 1 MB: each read, kept up to the cap, then counted and dropped.

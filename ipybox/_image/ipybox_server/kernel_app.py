@@ -246,11 +246,37 @@ class IpyboxKernel(IPythonKernel):  # type: ignore[misc]
 class ChunkedOutStream(OutStream):  # type: ignore[misc]
     """ipykernel's stdout/stderr, flushing in messages of `STREAM_CHUNK` characters.
 
-    One flush sends at most `MAX_MESSAGES_PER_FLUSH` messages; bigger flushes get bigger chunks.
-    The flush runs in the IOPub thread, and each message it sends wakes that same thread through a
-    ZeroMQ pipe whose high-water mark (about 2000) blocks the sender: more messages from one flush
-    deadlocked the thread (seen at 300 MB printed at once: no output, no idle, ever).
+    One flush sends at most `MAX_MESSAGES_PER_FLUSH` messages; bigger flushes get bigger chunks, so
+    a huge print does not become hundreds of thousands of messages.
     """
+
+    def _flush(self) -> None:
+        thread = self.pub_thread.thread if self.pub_thread is not None else None
+        if thread is None or thread.ident != threading.get_ident():
+            super()._flush()
+            return
+        # In the IOPub thread (always, but in a forked child): as ipykernel's `_flush`, but each message
+        # goes straight to the IOPub socket, which this thread owns. ipykernel schedules each one on
+        # this same thread through a wake-up pipe that blocks its sender when full: a big flush
+        # deadlocked the thread on itself (no output, no idle, ever).
+        self._flush_pending = False
+        self._subprocess_flush_pending = False
+        if self.echo is not None:
+            try:
+                self.echo.flush()
+            except OSError as exc:
+                if self.echo is not sys.__stderr__:
+                    print(f"Flush failed: {exc}", file=sys.__stderr__)
+        for parent, data in self._flush_buffers():
+            if not data:
+                continue
+            self.session.pid = os.getpid()
+            msg = self.session.msg("stream", {"name": self.name, "text": data}, parent=parent)
+            for hook in self._hooks:
+                msg = hook(msg)
+                if msg is None:
+                    return
+            self.session.send(self.pub_thread.socket, msg, ident=self.topic)
 
     def _flush_buffers(self) -> Any:
         for parent, data in super()._flush_buffers():
