@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from ipybox._errors import KernelDiedError, ServerConnectionError
-from ipybox._router import CutWindow, KernelState, Route, Router, Terminal, message_number, outcome_unknown
+from ipybox._router import KernelState, Route, Router, Terminal, message_number, outcome_unknown
 from ipybox._transport import Closed, KernelTransport
 
 logger = logging.getLogger(__name__)
@@ -272,5 +272,4 @@ class KernelChannel:
         """A suspect reached idle while messages before its idle are missing: wait for them briefly."""
         window = self.router.window
         assert window is not None
-        settle_window: CutWindow = window
-        asyncio.get_running_loop().call_later(_GAP_GRACE, self.router.settle, route, idle, settle_window)
+        asyncio.get_running_loop().call_later(_GAP_GRACE, self.router.settle, route, idle, window)

@@ -31,7 +31,7 @@ from ipybox._errors import (
     ServerConnectionError,
 )
 from ipybox._history import History, write_notebook
-from ipybox._router import IDLE, STARTED, KernelState, Phase, Route, Router, Terminal, aborted_error
+from ipybox._router import STARTED, KernelState, Phase, Route, Router, Terminal, aborted_error
 from ipybox._transport import FRAME_SLACK, KernelTransport
 from ipybox.outputs import IMAGE_TYPES, Display, ErrorInfo, Event, Output, OutputArea, TextLog, decode_image
 
@@ -253,7 +253,7 @@ class Execution:
             return None, self._area.error(item[1])
         if kind == "marker":
             return str(item[1]), None
-        if item is IDLE or kind == "idle":
+        if kind == "idle":
             route = self._route
             if route.aborted:
                 self._finish(aborted_error(route))
@@ -312,7 +312,7 @@ class Execution:
                 error = ExecutionTimeoutError(
                     f"{stuck}; restarting kernel {kernel_id} failed: {exc}", restarted=True, kernel_id=kernel_id
                 )
-                self._error = error
+                self._finish(error)
                 raise error from exc
             error = ExecutionTimeoutError(
                 f"{stuck}; kernel {kernel_id} was restarted and its state (variables, imports) is lost. "
@@ -321,8 +321,7 @@ class Execution:
                 kernel_id=kernel_id,
                 option="timeout",
             )
-        self._done = True
-        self._error = error
+        self._finish(error)
         raise error
 
 
