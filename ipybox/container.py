@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import io
+import ipaddress
 import logging
 import os
 import tarfile
@@ -17,7 +18,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from ipybox import _routes, _tokens
+from ipybox import _firewall, _routes, _tokens
 from ipybox._docker import connect, docker_errors
 from ipybox._errors import ContainerError, ContainerStartError, FirewallError, InvalidStateError
 from ipybox._labels import (
@@ -102,6 +103,11 @@ class ExecutionContainer:
         startup_timeout: Seconds to wait for the container's servers to become ready.
         network: Docker network to create the container on (default: Docker's default bridge). On a
             user-defined network, other containers' names resolve through Docker's embedded DNS.
+            On any network, other containers (other sandboxes included) cannot open connections
+            to the sandbox except to its two token-protected ports; the host can (docs/security.md).
+        dns: DNS servers for the sandbox (Docker's `--dns`; on a user-defined network, the servers
+            its embedded DNS forwards to). Default: the engine host's. Under `init_firewall` these
+            are the only resolvers the sandbox may reach.
         open_files_limit: Maximum number of open files per process in the container.
         tmp_size: Size cap of each of `/tmp`, `/var/tmp`, `/run/lock` and the sandbox user's `$HOME`
             (tmpfs mounts; their contents count as memory). Default: a quarter of `memory_limit`,
@@ -159,6 +165,7 @@ class ExecutionContainer:
         app_size: int | str | None | _Derived = _DERIVED,
         allowed_hosts: list[str] | None = None,
         max_kernels: int = 16,
+        dns: list[str] | None = None,
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -168,6 +175,7 @@ class ExecutionContainer:
         self.labels = labels or {}
         self.startup_timeout = startup_timeout
         self.network = network
+        self.dns = [_dns_server(server) for server in dns or []]
         self.allowed_hosts = list(allowed_hosts or [])
         if max_kernels < 1:
             raise ValueError(f"max_kernels must be at least 1, got {max_kernels}")
@@ -319,12 +327,17 @@ class ExecutionContainer:
         Traffic policy inside the container after initialisation:
 
         - Outbound traffic (TCP and UDP, IPv4 and IPv6) goes only to the whitelist entries: domains
-          are resolved at call time, inside the sandbox, to all their A records. Everything else is
-          rejected at once (connection refused / unreachable), not dropped into a timeout.
-        - DNS works, but only through the container's configured resolver(s).
+          are resolved at call time, inside the sandbox's network namespace, by DNS queries to the
+          resolvers Docker configured for it (never through its /etc/hosts or /etc/resolv.conf, which
+          a root image can write), to all their A records. Everything else is rejected at once
+          (connection refused / unreachable), not dropped into a timeout.
+        - DNS works, but only through the resolvers Docker configured for the container (the
+          engine host's, or `dns=`).
         - Loopback traffic is unrestricted.
-        - The host network (\\*/24 derived from the default gateway) is allowed bidirectionally;
-          SSH is allowed there and nowhere else.
+        - The host network (\\*/24 derived from the default gateway) is reachable, SSH included;
+          SSH is allowed there and nowhere else. Inbound, as without a firewall, only the host
+          (the gateways) may open connections to the sandbox: other containers, other sandboxes
+          among them, reach only the executor and resource ports.
         - The executor and resource ports keep serving the host; replies to inbound connections
           are the only other traffic allowed out.
         - The cloud metadata range 169.254.0.0/16 is blocked unless an entry lies inside it.
@@ -347,15 +360,17 @@ class ExecutionContainer:
 
         Raises:
             RuntimeError: If the container is not running, or firewall initialization fails
-                (`FirewallError`, carrying the helper's output; the sandbox is then left blocked).
+                (`FirewallError`, carrying the helper's output and saying what became of the
+                sandbox: left locked down when the helper's lock-down was in place, else
+                disconnected from all its networks, else removed; it is never left open).
             ValueError: An entry is malformed; no rule was changed.
         """
         if self._container is None or self._docker is None or self._image_id is None:
             raise InvalidStateError("Container not running")
-        from ipybox import _firewall
-
         with docker_errors("initializing the firewall", self._container.id, FirewallError):
-            summary = await _firewall.apply(self._docker, self._container, self._image_id, allowed_domains)
+            summary = await _firewall.apply(
+                self._docker, self._container, self._image_id, allowed_domains, remove=self.kill
+            )
         logger.info(
             "firewall of %s: allowed %s, host network %s, resolvers %s",
             self._container.id[:12],
@@ -390,7 +405,20 @@ class ExecutionContainer:
             await self._container.put_archive(str(PurePosixPath(TOKEN_PATH).parent), _token_tar(token, sandbox_ids))
         with docker_errors("starting the container", container_id):
             await self._container.start()
-            await self._wait_until_ready()
+            # Closed to other containers before any client can reach a kernel; the helper runs while
+            # the servers start, so it costs little of the start-up's time.
+            isolating = asyncio.ensure_future(_firewall.isolate(self._docker, self._container, self._image_id))
+            try:
+                await self._wait_until_ready()
+            except BaseException:
+                isolating.cancel()  # the helper removes itself; run() removes the sandbox
+                await _settle(isolating)
+                if not isolating.cancelled():
+                    isolating.exception()  # retrieved: the start's own error is the one to see
+                raise
+            if await _settle(isolating):
+                raise asyncio.CancelledError
+            isolating.result()
             await self._read_ports()
 
         for port in (self.executor_port, self.resource_port):
@@ -432,6 +460,8 @@ class ExecutionContainer:
         }
         if self.network is not None:
             host_config["NetworkMode"] = self.network
+        if self.dns:
+            host_config["Dns"] = self.dns
         if self._memory_limit is not None:
             host_config["Memory"] = self._memory_limit
             host_config["MemorySwap"] = self._memory_limit
@@ -523,6 +553,13 @@ class ExecutionContainer:
                     option="ExecutionContainer(port_allocation_timeout=...)",
                 )
             await asyncio.sleep(0.05)
+
+
+def _dns_server(server: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(server).strip()))
+    except ValueError:
+        raise ValueError(f"dns entry {server!r} is not an IP address (e.g. dns=['192.0.2.53'])") from None
 
 
 def _image_home(image: dict[str, Any]) -> str | None:

@@ -13,7 +13,8 @@ would drop if it did not, see `netlab.egress_guard`).
     blocked        X.Y.4.10        not at all (also a UDP echo on 53: "some other resolver")
     resolver       X.Y.5.10        a DNS server on 53 (knows EXTERNAL_NAME); a sandbox configured to use
                                    it may reach it on port 53 only
-    local          X.Y.0.50        the gateway's /24, reachable both ways without being listed
+    local          X.Y.0.50        the gateway's /24, reachable without being listed (it cannot connect
+                                   into the sandbox: only the host and the servers' ports can)
     v6             ULA::10         not at all (IPv6, on the second network)
 
 Each test sets the allow-list it needs first, so the tests do not depend on their order; the baseline
@@ -298,9 +299,10 @@ async def test_only_the_allow_list_and_the_essentials_are_reachable(scenario: Sc
     # DNS through the configured resolver still works, for listed and unlisted names alike.
     assert await scenario.resolve("name-allowed") == scenario.ip("name-allowed")
     assert await scenario.resolve("blocked") == scenario.ip("blocked")
-    # The gateway's /24 works both ways: a server there can connect to a listener in the sandbox.
+    # The gateway's /24 is reachable, but a container there cannot open a connection to a listener in
+    # the sandbox (sandboxes share that /24); it is refused at once.
     back = await scenario.run(f"_fw_connect_back({scenario.ip('local')!r}, {scenario.sandbox_ip!r})", "FW-BACK")
-    assert back == "got hello-sandbox"
+    assert back.startswith("fail ConnectionRefusedError"), back
 
 
 async def test_host_keeps_using_the_executor_and_resource_ports(scenario: Scenario, tmp_path: Path) -> None:
@@ -429,15 +431,12 @@ async def test_a_resolver_outside_the_host_network_is_used_and_reachable_on_port
     scenario: Scenario, make_container: ContainerFactory
 ) -> None:
     # A second sandbox whose configured resolver is the lab's DNS server (as on the default bridge, where
-    # the resolver is the host's): not loopback, not in the gateway's /24. /etc/resolv.conf is a bind
-    # mount, so it is rewritten in place, as root through the Docker API (the sandbox user cannot).
-    sandbox = await make_container(network=scenario.network)
-    assert sandbox.container_id is not None
+    # the resolver is the host's): not loopback, not in the gateway's /24. Configured through Docker
+    # (`dns=`), the only source the firewall trusts: Docker's embedded DNS forwards to it from inside
+    # the sandbox's network namespace.
     resolver = scenario.ip("resolver")
-    code, output = await scenario.lab.exec_root(
-        sandbox.container_id, ["sh", "-c", 'printf "nameserver %s\\n" "$1" > /etc/resolv.conf', "sh", resolver]
-    )
-    assert code == 0, f"could not point the sandbox at the lab's resolver: {output}"
+    sandbox = await make_container(network=scenario.network, dns=[resolver])
+    assert sandbox.container_id is not None
     async with ExecutionClient(port=sandbox.executor_port) as kernel:
         await kernel.execute(KERNEL_HELPERS)
         other = dataclasses.replace(scenario, sandbox=sandbox, kernel=kernel)

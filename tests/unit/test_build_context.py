@@ -86,6 +86,7 @@ def test_core_requirements() -> None:
         "pillow",
         "mcp>=2.3,<3",
         "datamodel-code-generator>=0.89,<1",
+        "dnspython>=2.6",
     ]
 
 
