@@ -195,6 +195,10 @@ async def _run_helper(
     docker: aiodocker.Docker, info: dict[str, Any], image_id: str, spec: dict[str, Any]
 ) -> _HelperRun:
     """Run the helper in the sandbox's network namespace; the helper container is always removed."""
+    mode = str((info.get("HostConfig") or {}).get("NetworkMode") or "")
+    if mode == "host" or mode.startswith("container:"):
+        # The helper would join that namespace: the host's own rules, or another container's.
+        raise FirewallError(f"the sandbox shares a network namespace ({mode}); refusing to write rules there")
     labels = dict((info.get("Config") or {}).get("Labels") or {})
     config: dict[str, Any] = {
         "Image": image_id,

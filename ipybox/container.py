@@ -174,6 +174,11 @@ class ExecutionContainer:
         self.host = host
         self.labels = labels or {}
         self.startup_timeout = startup_timeout
+        if network in ("host", "none") or (network or "").startswith("container:"):
+            raise ValueError(
+                f"network={network!r} is not supported: a sandbox needs a network namespace of its own, where "
+                "its isolation and firewall rules live; pass a bridge or user-defined network, or None"
+            )
         self.network = network
         self.dns = [_dns_server(server) for server in dns or []]
         self.allowed_hosts = list(allowed_hosts or [])

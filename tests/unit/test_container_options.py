@@ -134,3 +134,17 @@ def test_caps_beyond_the_memory_limit_warn(caplog: pytest.LogCaptureFixture, mon
     assert len(caplog.records) == 1
     assert "exceed memory_limit" in caplog.records[0].getMessage()
     assert "2112 MiB" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("network", ["host", "none", "container:abc"])
+def test_networks_without_a_namespace_of_their_own_are_refused(network: str) -> None:
+    # The isolation and firewall helpers join the sandbox's namespace: with "host" they would rewrite
+    # the host's own rules.
+    with pytest.raises(ValueError, match="namespace of its own"):
+        ExecutionContainer(network=network)
+
+
+def test_dns_servers_must_be_addresses() -> None:
+    assert ExecutionContainer(dns=[" 192.0.2.53", "2001:db8::53"]).dns == ["192.0.2.53", "2001:db8::53"]
+    with pytest.raises(ValueError, match="not an IP address"):
+        ExecutionContainer(dns=["resolver.example"])
