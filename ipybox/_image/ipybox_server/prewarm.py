@@ -9,7 +9,6 @@ the ordinary way.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import secrets
@@ -20,7 +19,6 @@ from importlib.metadata import EntryPoint
 from typing import Any
 
 PROVISIONER_NAME = "ipybox-prewarmed"
-PR_SET_DUMPABLE = 4
 CONNECTION_FILE = "/run/ipybox/spare-kernel.json"
 
 
@@ -46,18 +44,23 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def prefer_as_oom_victim() -> None:
-    """Run in a kernel process before it starts (Popen's preexec_fn): if the container runs out of
-    memory, the kernel is killed, not the server process that the host talks to. Raising one's own
-    oom_score_adj needs no privilege (lowering the server's would)."""
-    # Forked from the non-dumpable server, this child's /proc files belong to root until exec;
-    # becoming dumpable (always allowed) gives them back to it, so it can write its oom_score_adj.
-    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+def prefer_as_oom_victim(pid: int) -> None:
+    """Raise a kernel's oom_score_adj to 1000, from the server, once the kernel has exec'd: if the
+    container runs out of memory, the kernel is killed, not the server process that the host talks
+    to. Raising a process's oom_score_adj needs no privilege (lowering the server's would).
+
+    Not in the kernel's child before exec (a preexec_fn): forked from the non-dumpable server, the
+    child's /proc files belong to root until exec, and making it dumpable to write the file there
+    let any process of the user read the server's memory, secret included, through the child's
+    /proc/<pid>/mem until it exec'd. After exec the kernel is dumpable again on its own (an exec
+    that keeps the credentials resets the flag), holds nothing of the server's, and its /proc files
+    are the user's. The pid cannot be reused meanwhile: the kernel is this process's unreaped child.
+    """
     try:
-        with open("/proc/self/oom_score_adj", "w") as file:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as file:
             file.write("1000")
     except OSError:
-        pass
+        pass  # the kernel has already ended
 
 
 def start_spare(cwd: str) -> None:
@@ -88,8 +91,10 @@ def start_spare(cwd: str) -> None:
         # kernel and not the launcher.
         env={**os.environ, "JPY_PARENT_PID": str(os.getpid())},
         start_new_session=True,
-        preexec_fn=prefer_as_oom_victim,
     )
+    # Popen returns once the child has exec'd (no preexec_fn: the child never runs Python code of
+    # this process, and stays non-dumpable until exec).
+    prefer_as_oom_victim(process.pid)
     _spare = _Spare(process, info)
 
 
@@ -139,7 +144,9 @@ def _make_provisioner_class() -> type:
         async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
             spare, self._adopted = self._adopted, None
             if spare is None:
-                return await super().launch_kernel(cmd, **kwargs, preexec_fn=prefer_as_oom_victim)
+                info = await super().launch_kernel(cmd, **kwargs)
+                prefer_as_oom_victim(self.pid)  # its Popen has returned: the kernel has exec'd
+                return info
             self.process = spare.process
             self.pid = spare.process.pid
             self.pgid = os.getpgid(spare.process.pid)
