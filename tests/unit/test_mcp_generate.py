@@ -170,3 +170,11 @@ def test_write_package_replaces_the_old_one(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.iterdir()) == ["__init__.py", "a.py"]
     assert (target / "a.py").read_text() == "A = 2\n"
     assert [p.name for p in target.parent.iterdir()] == ["srv"]
+
+
+def test_a_field_named_like_a_renamed_class_keeps_its_name() -> None:
+    pytest.importorskip("datamodel_code_generator")
+    schema = {"type": "object", "properties": {"Params": {"type": "string"}, "IpyboxRootParams": {"type": "integer"}}}
+    module = _load(mcp_generate.tool_module("srv", "t", "t", None, schema), "t")
+    assert list(module.Params.model_fields) == ["Params", "IpyboxRootParams"]
+    assert module.Params(Params="a").model_dump(exclude_unset=True) == {"Params": "a"}

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ipybox_server import mcp_params
 
@@ -44,7 +44,7 @@ _SAFE_BUILTINS = {"str", "int", "float", "bool", "bytes", "dict", "list", "set",
 _MODEL_NODES = (
     ast.Module, ast.ImportFrom, ast.alias, ast.ClassDef, ast.AnnAssign, ast.Assign, ast.Expr, ast.Constant,
     ast.Name, ast.Load, ast.Store, ast.Attribute, ast.Subscript, ast.Tuple, ast.List, ast.Dict, ast.Set,
-    ast.Call, ast.keyword, ast.BinOp, ast.BitOr, ast.UnaryOp, ast.USub, ast.Pass, ast.Slice,
+    ast.Call, ast.keyword, ast.BinOp, ast.BitOr, ast.UnaryOp, ast.USub, ast.Pass,
 )  # fmt: skip
 _MODULE_NAMES = {"_call_tool", "_SERVER_PARAMS", "_TOOL_NAME"}
 
@@ -163,50 +163,238 @@ class UnsafeModelCode(ValueError):
     """Model code contains a construct outside the allowlist."""
 
 
+# What the positional arguments of each callable the generator emits are ("type": the first is a
+# type, as in `conlist(str)`; the rest, and every keyword argument, are values).
+_CALLABLES = {("pydantic", name): "value" for name in ("Field", "ConfigDict", "StringConstraints")}
+_CALLABLES |= {("pydantic", f"con{kind}"): "value" for kind in ("str", "int", "float", "decimal", "bytes", "date")}
+_CALLABLES |= {("pydantic", f"con{kind}"): "type" for kind in ("list", "set", "frozenset")}
+_LITERAL = {("typing", "Literal"), ("typing_extensions", "Literal")}
+_ANNOTATED = {("typing", "Annotated"), ("typing_extensions", "Annotated")}
+
+
+def _shown(node: ast.AST, limit: int = 80) -> str:
+    text = ast.unparse(node)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _ModelChecker:
+    """The allowlist of `check_model_code`: a grammar of the statements, types and values it allows.
+
+    typing and pydantic evaluate a string as Python code wherever they expect a type (a forward
+    reference): an annotation that is a string or contains one (`list["..."]`), a name in an
+    annotation that holds a string when it is evaluated (a class attribute of the same name, a
+    module-level assignment), a string given to a callable that takes a type (`ForwardRef`,
+    `TypeAdapter`, `TypeVar(bound=...)`). So a string may appear in a type only as an argument of
+    `Literal`; names in annotations may not be rebound; the only callables are the generator's
+    constraint and field constructors; and every module-level name is bound once.
+    """
+
+    def __init__(self) -> None:
+        self.origins: dict[str, tuple[str, str]] = {}  # imported name -> (module, name)
+        self.classes: set[str] = set()
+        self.where = ""
+
+    def refuse(self, what: str, node: ast.AST) -> NoReturn:
+        raise UnsafeModelCode(f"{what} at line {getattr(node, 'lineno', '?')}{self.where}")
+
+    def module(self, tree: ast.Module) -> None:
+        for node in ast.walk(tree):
+            if not isinstance(node, _MODEL_NODES):
+                self.refuse(type(node).__name__, node)
+        bound: set[str] = set()
+        for node in tree.body:
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level or node.module not in _MODEL_MODULES:
+                    self.refuse(f"import from {node.module!r}", node)
+                for alias in node.names:
+                    name = alias.asname or alias.name
+                    if alias.name.startswith("_") or name.startswith("_") or alias.name == "*":
+                        self.refuse(f"import of private name {alias.name!r} from {node.module!r}", node)
+                    self.origins[name] = (node.module, alias.name)
+                    names.append(name)
+            elif isinstance(node, ast.ClassDef):
+                self.classes.add(node.name)
+                names.append(node.name)
+            elif not isinstance(node, ast.Expr):
+                self.refuse(f"module-level {type(node).__name__} {_shown(node)!r}", node)
+            for name in names:
+                if name in bound or name in _SAFE_BUILTINS:
+                    self.refuse(f"name {name!r} bound twice (builtins included)", node)
+                bound.add(name)
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                self.class_def(node)
+            elif isinstance(node, ast.Expr):
+                self.module_expression(node)
+
+    def module_expression(self, node: ast.Expr) -> None:
+        """A docstring or `<Model>.model_rebuild()` (without arguments: they would be namespaces)."""
+        call = node.value
+        if isinstance(call, ast.Constant) and isinstance(call.value, str):
+            return
+        if not (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Name)
+            and call.func.value.id in self.classes
+            and call.func.attr == "model_rebuild"
+            and not call.args
+            and not call.keywords
+        ):
+            self.refuse(f"module-level expression {_shown(node)!r}", node)
+
+    def class_def(self, node: ast.ClassDef) -> None:
+        self.where = f" (class {node.name})"
+        if node.decorator_list or node.keywords:
+            self.refuse("decorator or class keyword", node)
+        for base in node.bases:
+            self.type_expr(base, set())
+        bound: set[str] = set()
+        used: set[str] = set()  # names in the annotations, which are evaluated in the class's namespace
+        for statement in node.body:
+            if isinstance(statement, ast.Pass):
+                continue
+            if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+                if isinstance(statement.value.value, str):
+                    continue  # a docstring
+            if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+                target, value = statement.targets[0], statement.value
+            elif isinstance(statement, ast.AnnAssign):
+                target, value = statement.target, statement.value
+            else:
+                self.refuse(f"{type(statement).__name__} in a class body", statement)
+            if not isinstance(target, ast.Name) or target.id.startswith("__"):
+                self.refuse(f"assignment to {_shown(target)!r}", statement)
+            self.where = f" (class {node.name}, field {target.id})"
+            if isinstance(statement, ast.AnnAssign):
+                self.type_expr(statement.annotation, used)
+            if value is not None:
+                self.value(value)
+            bound.add(target.id)
+        self.where = f" (class {node.name})"
+        for name in sorted(bound & used):
+            self.refuse(f"class attribute {name!r} shadows the name {name!r} used in an annotation", node)
+        self.where = ""
+
+    def name(self, node: ast.Name, *, imported: bool) -> None:
+        """A class of the module, a safe builtin, or (in types only) an imported name."""
+        if node.id not in self.classes and node.id not in _SAFE_BUILTINS:
+            if not imported or node.id not in self.origins:
+                self.refuse(f"name {node.id!r}", node)
+
+    def type_expr(self, node: ast.expr, used: set[str]) -> None:
+        """An annotation, a class base or a type argument; `used` collects the names in it."""
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, str):
+                self.refuse(f"string annotation {node.value[:80]!r}", node)
+            if node.value is not None and node.value is not Ellipsis:
+                self.refuse(f"constant {_shown(node)!r} in an annotation", node)
+        elif isinstance(node, ast.Name):
+            self.name(node, imported=True)
+            used.add(node.id)
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            self.type_expr(node.left, used)
+            self.type_expr(node.right, used)
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+            self.type_expr(node.value, used)
+            origin = self.origins.get(node.value.id)
+            args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if origin in _LITERAL:
+                for arg in args:
+                    self.literal_arg(arg, used)
+            elif origin in _ANNOTATED:
+                self.type_expr(args[0], used)
+                for metadata in args[1:]:
+                    if isinstance(metadata, ast.Constant) and isinstance(metadata.value, str):
+                        self.refuse(f"string {metadata.value[:80]!r} in Annotated metadata", metadata)
+                    self.value(metadata)
+            else:
+                for arg in args:
+                    for item in arg.elts if isinstance(arg, ast.List) else [arg]:  # Callable[[...], ...]
+                        self.type_expr(item, used)
+        elif isinstance(node, ast.Call):
+            self.call(node, used)
+        else:
+            self.refuse(f"{type(node).__name__} {_shown(node)!r} in an annotation", node)
+
+    def literal_arg(self, node: ast.expr, used: set[str]) -> None:
+        """A value of `Literal[...]`, which typing and pydantic never evaluate: constants, enum members."""
+        if isinstance(node, ast.Constant):
+            return
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return
+        if isinstance(node, ast.Attribute):
+            self.value(node)
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+            if self.origins.get(node.value.id) not in _LITERAL:
+                self.refuse(f"{_shown(node)!r} in Literal", node)
+            self.type_expr(node, used)
+        else:
+            self.refuse(f"{type(node).__name__} {_shown(node)!r} in Literal", node)
+
+    def value(self, node: ast.expr) -> None:
+        """A default, an enum member's value or an argument: data, the module's classes, and the
+        generator's constructors."""
+        if isinstance(node, ast.Constant):
+            return
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return
+        if isinstance(node, ast.Name):
+            self.name(node, imported=False)
+        elif isinstance(node, ast.Attribute):  # an enum member
+            if not isinstance(node.value, ast.Name) or node.value.id not in self.classes or node.attr.startswith("_"):
+                self.refuse(f"attribute {_shown(node)!r}", node)
+        elif isinstance(node, ast.List | ast.Tuple | ast.Set):
+            for item in node.elts:
+                self.value(item)
+        elif isinstance(node, ast.Dict):
+            for key, item in zip(node.keys, node.values, strict=True):
+                if key is None:
+                    self.refuse(f"dict unpacking {_shown(node)!r}", node)
+                self.value(key)
+                self.value(item)
+        elif isinstance(node, ast.Call):
+            self.call(node, set())
+        else:
+            self.refuse(f"{type(node).__name__} {_shown(node)!r}", node)
+
+    def call(self, node: ast.Call, used: set[str]) -> None:
+        origin = self.origins.get(node.func.id) if isinstance(node.func, ast.Name) else None
+        kind = _CALLABLES.get(origin) if origin is not None else None
+        if kind is None:
+            self.refuse(f"call of {_shown(node.func)!r}", node)
+        for index, arg in enumerate(node.args):
+            if kind == "type" and index == 0:
+                self.type_expr(arg, used)
+            else:
+                self.value(arg)
+        for argument in node.keywords:
+            if argument.arg is None:
+                self.refuse(f"keyword unpacking in {_shown(node)!r}", node)
+            self.value(argument.value)
+
+
 def check_model_code(tree: ast.Module) -> None:
     """Refuse model code that does anything but import from a few modules and define classes.
 
+    See `_ModelChecker` for why strings in types, rebound names and most calls are refused.
+
     Raises:
-        UnsafeModelCode: names the first construct outside the allowlist.
+        UnsafeModelCode: names the first construct outside the allowlist, its line and its class and field.
     """
-    allowed_names = set(_SAFE_BUILTINS)
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom):
-            if node.level or node.module not in _MODEL_MODULES:
-                raise UnsafeModelCode(f"import from {node.module!r}")
-            allowed_names.update(alias.asname or alias.name for alias in node.names)
-        elif isinstance(node, ast.ClassDef):
-            allowed_names.add(node.name)
-        elif isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            allowed_names.update(target.id for target in targets if isinstance(target, ast.Name))
-    for node in ast.walk(tree):
-        if not isinstance(node, _MODEL_NODES):
-            raise UnsafeModelCode(f"{type(node).__name__} at line {getattr(node, 'lineno', '?')}")
-        if isinstance(node, ast.ClassDef) and (node.decorator_list or node.keywords):
-            raise UnsafeModelCode(f"decorator or class keyword on {node.name}")
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in allowed_names:
-            if node.id not in ("None", "True", "False"):
-                raise UnsafeModelCode(f"name {node.id!r}")
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith("__"):
-            raise UnsafeModelCode(f"assignment to {node.id!r}")
-        if isinstance(node, ast.Attribute):
-            if node.attr.startswith("_") or not isinstance(node.value, ast.Name):
-                raise UnsafeModelCode(f"attribute {node.attr!r}")
-        if isinstance(node, ast.Call) and not isinstance(node.func, ast.Name | ast.Attribute):
-            raise UnsafeModelCode("call of a computed callable")
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr != "model_rebuild":
-            raise UnsafeModelCode(f"call of {node.func.attr!r}")
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SAFE_BUILTINS:
-            raise UnsafeModelCode(f"call of builtin {node.func.id!r}")
+    _ModelChecker().module(tree)
 
 
 class _Renamer(ast.NodeTransformer):
+    """Renames classes and the references to them; fields (names stored in a class body) keep their names."""
+
     def __init__(self, mapping: dict[str, str]) -> None:
         self.mapping = mapping
 
     def visit_Name(self, node: ast.Name) -> ast.Name:
-        node.id = self.mapping.get(node.id, node.id)
+        if isinstance(node.ctx, ast.Load):
+            node.id = self.mapping.get(node.id, node.id)
         return node
 
     def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
@@ -277,7 +465,6 @@ def model_code(input_schema: dict[str, Any]) -> str:
     if not isinstance(code, str):
         raise UnsafeModelCode("datamodel-code-generator produced more than one module")
     tree = ast.parse(code)
-    check_model_code(tree)
     defined = _defined_names(tree)
     if _ROOT_CLASS not in defined:
         raise UnsafeModelCode("the root model is missing")
@@ -290,6 +477,8 @@ def model_code(input_schema: dict[str, Any]) -> str:
         separator = "\n\n\n" if index and isinstance(statement, ast.ClassDef) else "\n"
         result += (separator if index else "") + ast.unparse(statement)
     result += "\n"
+    # The code that runs and is written out, after renaming (a rename could make a field shadow a name).
+    check_model_code(ast.parse(result))
     check_model_runs(result)
     return result
 
@@ -345,12 +534,14 @@ def tool_module(server_name: str, tool_name: str, func_name: str, description: s
         if not isinstance(schema, dict):
             raise UnsafeModelCode("the input schema is not an object")
         code = model_code(schema)
-    except Exception:  # any failure of the generator or of our checks: fall back, never fail the server
+    except Exception as exc:  # any failure of the generator or of our checks: fall back, never fail the server
         code = FALLBACK_MODEL
         try:
             note = f"\n_INPUT_SCHEMA = {literal(schema)}\n"
         except ValueError:
             note = "\n_INPUT_SCHEMA = None\n"
+        reason = f"the input schema of tool {tool_name!r} gave no model: {type(exc).__name__}: {exc}"
+        note += f"_MODEL_ERROR = {literal(reason)}\n"
     return render_tool_module(server_name, tool_name, func_name, description, code, note)
 
 
