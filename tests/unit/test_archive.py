@@ -233,6 +233,54 @@ def test_huge_extended_header_is_refused_before_it_is_read(side: ModuleType, tar
         extract(side, data, target)
 
 
+def _extended(kind: bytes, content: bytes, name: str = "././@LongLink") -> bytes:
+    header = tarfile.TarInfo(name)
+    header.type = kind
+    header.size = len(content)
+    return header.tobuf(tarfile.USTAR_FORMAT) + content + b"\0" * (-len(content) % tarfile.BLOCKSIZE)
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        (_extended(tarfile.XGLTYPE, _pax_record("comment", "x")), "global PAX header"),
+        (_extended(tarfile.XHDTYPE, _pax_record("GNU.sparse.map", "0,1")), "sparse"),
+        (b"".join(_extended(tarfile.GNUTYPE_LONGNAME, b"long\0") for _ in range(5)), "more than 4 extended"),
+    ],
+    ids=["global-pax", "sparse-pax", "chain-of-5"],
+)
+def test_headers_that_make_tarfile_hold_memory_are_refused(
+    side: ModuleType, headers: bytes, message: str, target: Path, outside: Path
+) -> None:
+    info, content = file_member("f")
+    data = headers + info.tobuf(tarfile.USTAR_FORMAT) + content + b"\0" * (tarfile.BLOCKSIZE - len(content) + 1024)
+    with pytest.raises(unsafe_error(side), match=message):
+        extract(side, data, target)
+    assert_nothing_kept(target, outside)
+
+
+def test_an_old_gnu_sparse_member_is_refused(side: ModuleType, target: Path) -> None:
+    info = tarfile.TarInfo("s")
+    info.type = tarfile.GNUTYPE_SPARSE
+    with pytest.raises(unsafe_error(side), match="sparse"):
+        extract(side, info.tobuf(tarfile.GNU_FORMAT) + b"\0" * 1024, target)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_long_names_pass_the_header_caps(side: ModuleType, fmt: int, target: Path) -> None:
+    name = "/".join(["d" * 200] * 10) + "/f"  # 2 KiB: an extended header in either format
+    extract(side, make_tar([file_member(name)], fmt), target)
+    assert (target / name).read_bytes() == b"data"
+
+
 def test_truncated_archive_keeps_nothing(side: ModuleType, target: Path, outside: Path) -> None:
     data = make_tar([file_member("first", b"1" * 2000), file_member("second", b"2" * 5000)])
     with pytest.raises(tarfile.TarError):

@@ -13,8 +13,14 @@ target, created here; only a complete, valid archive is then moved into place (r
 so a rejected or aborted upload leaves nothing behind. All file-system calls below the target use
 `dir_fd` + O_NOFOLLOW, so links that sandbox code plants during an upload cannot redirect a write.
 
-The host client has its own copy of these rules (`ipybox/resource/_archive.py`): this package is not
-importable on the host, and the host must not trust the sandbox's code anyway.
+Reading holds one member at a time: tarfile's list of members is emptied as the stream goes, and what
+would make tarfile hold more is refused: global PAX headers (tarfile copies them into every following
+member), more than MAX_HEADER_CHAIN extended headers or MAX_HEADER_BYTES of them before one member (a
+chain is held in memory whole), and sparse members (their maps can be as long as the archive). ipybox
+writes none of these.
+
+The host applies the same rules to directory downloads (`ipybox/resource/_archive.py` imports this
+module), reaching the target through `ipybox/resource/_beneath.py` and calling `extract_into`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ from typing import IO, Any
 CHUNK_SIZE = 1 << 20
 MAX_MEMBERS = 100_000
 MAX_BYTES = 10 << 30
-MAX_HEADER_BYTES = 1 << 20  # one PAX or GNU long-name header; tarfile reads these into memory
+# The extended (PAX, GNU long-name) headers before one member, together: tarfile reads them into memory,
+# where PAX records take up to 15 times their size (a dict entry per record).
+MAX_HEADER_BYTES = 256 << 10
+MAX_HEADER_CHAIN = 4  # extended headers before one member (tarfile reads a chain recursively)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after the type check must not block the open.
@@ -129,12 +138,36 @@ def _walk(dir_fd: int, prefix: str) -> Iterator[tuple[str, int, os.stat_result]]
 
 
 class _GuardedTarInfo(tarfile.TarInfo):
-    """Refuses extended headers big enough to exhaust memory (tarfile reads them whole)."""
+    """Refuses the headers that make tarfile hold memory out of proportion (see the module)."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in _EXTENDED_HEADER_TYPES and self.size > MAX_HEADER_BYTES:
-            raise ArchiveTooLargeError(f"an extended tar header of {self.size} bytes exceeds {MAX_HEADER_BYTES}")
+        if self.type == tarfile.XGLTYPE:
+            raise UnsafeArchiveError(
+                f"the archive has a global PAX header (at byte {self.offset}); ipybox never writes one, and "
+                "tarfile would copy it into every following member"
+            )
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeArchiveError(f"member {self.name!r} is a GNU sparse file; ipybox never writes one")
+        if self.type in _EXTENDED_HEADER_TYPES:
+            # The chain of extended headers before one member, counted on the TarFile (reset below).
+            count, size = getattr(tarfile_, "_ipybox_header_chain", (0, 0))
+            count, size = count + 1, size + self.size
+            if count > MAX_HEADER_CHAIN:
+                raise UnsafeArchiveError(f"more than {MAX_HEADER_CHAIN} extended tar headers precede one member")
+            if size > MAX_HEADER_BYTES:
+                raise ArchiveTooLargeError(
+                    f"the extended tar headers of one member take {size} bytes, more than {MAX_HEADER_BYTES}"
+                )
+            tarfile_._ipybox_header_chain = (count, size)  # type: ignore[attr-defined]
+        else:
+            tarfile_._ipybox_header_chain = (0, 0)  # type: ignore[attr-defined]
         return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+    # PAX headers of GNU sparse files (formats 0.0, 0.1 and 1.0; 1.0 reads its map from the data).
+    def _proc_gnusparse_00(self, next_: tarfile.TarInfo, *args: Any) -> None:
+        raise UnsafeArchiveError(f"member {next_.name!r} is a GNU sparse file; ipybox never writes one")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
 
 
 def member_parts(name: str) -> list[str]:
@@ -174,26 +207,44 @@ def extract_tar(
             created.append(parent)
     target.mkdir(parents=True, exist_ok=True)
     target_fd = os.open(target, _DIR_FLAGS)
-    staging_name = _STAGING_PREFIX + secrets.token_hex(8)
-    os.mkdir(staging_name, 0o700, dir_fd=target_fd)
-    staging_fd = os.open(staging_name, _DIR_FLAGS, dir_fd=target_fd)
     try:
-        try:
-            counts = _extract_members(fileobj, staging_fd, target / staging_name, drop_special, max_members, max_bytes)
-            _check_merge(staging_fd, target_fd, "")
-            _merge(staging_fd, target_fd)
-        finally:
-            os.close(staging_fd)
-            shutil.rmtree(staging_name, dir_fd=target_fd)
+        return extract_into(
+            fileobj, target_fd, target, drop_special=drop_special, max_members=max_members, max_bytes=max_bytes
+        )
     except BaseException:
-        os.close(target_fd)
         for path in reversed(created):  # directories this call made, if still empty
             try:
                 path.rmdir()
             except OSError:
                 break
         raise
-    os.close(target_fd)
+    finally:
+        os.close(target_fd)
+
+
+def extract_into(
+    fileobj: IO[bytes],
+    target_fd: int,
+    target: Path,
+    *,
+    drop_special: bool = False,
+    max_members: int = MAX_MEMBERS,
+    max_bytes: int = MAX_BYTES,
+) -> tuple[int, int]:
+    """`extract_tar` into the open directory `target_fd` (named `target` in checks and messages).
+
+    The caller keeps ownership of `target_fd`; everything below it is reached through descriptors.
+    """
+    staging_name = _STAGING_PREFIX + secrets.token_hex(8)
+    os.mkdir(staging_name, 0o700, dir_fd=target_fd)
+    staging_fd = os.open(staging_name, _DIR_FLAGS, dir_fd=target_fd)
+    try:
+        counts = _extract_members(fileobj, staging_fd, target / staging_name, drop_special, max_members, max_bytes)
+        _check_merge(staging_fd, target_fd, "")
+        _merge(staging_fd, target_fd)
+    finally:
+        os.close(staging_fd)
+        shutil.rmtree(staging_name, dir_fd=target_fd)
     return counts
 
 
@@ -202,7 +253,9 @@ def _extract_members(
 ) -> tuple[int, int]:
     members = files = total = 0
     with tarfile.open(fileobj=fileobj, mode="r|", bufsize=CHUNK_SIZE, tarinfo=_GuardedTarInfo) as tar:
-        for member in tar:
+        # Not `for member in tar`: tarfile keeps every member in `tar.members`, emptied here as we go.
+        while (member := tar.next()) is not None:
+            tar.members.clear()
             members += 1
             if members > max_members:
                 raise ArchiveTooLargeError(f"archive has more than {max_members} members")
