@@ -3,13 +3,18 @@
 Bodies stream both ways in chunks of CHUNK_SIZE, with disk I/O in worker threads, so memory stays
 bounded whatever the size. Local writes are atomic like the server's: a download goes to a temp file
 next to the target and replaces it only when complete; a directory download is staged (`_archive`).
+Local writes reach the target's directory through `_beneath` (one component at a time, no symlinks)
+and everything in it through that directory's descriptor: temp file, rename, clean-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import secrets
+import stat
 import tarfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,7 +24,7 @@ from urllib.parse import quote
 from yarl import URL
 
 from ipybox._errors import ArchiveError
-from ipybox.resource import _archive
+from ipybox.resource import _archive, _beneath
 from ipybox.resource._http import Link, raise_for_response, transfer
 
 CHUNK_SIZE = _archive.CHUNK_SIZE
@@ -79,13 +84,49 @@ async def _read_chunks(file: IO[bytes], size: int, local_path: Path) -> AsyncIte
             await asyncio.wait([reading])
 
 
-def _open_temp(local_path: Path) -> tuple[int, Path]:
-    if local_path.is_dir():
-        raise IsADirectoryError(f"{local_path} is a directory")
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = local_path.with_name(f".{local_path.name}.{secrets.token_hex(6)}{_archive.TEMP_SUFFIX}")
-    # 0o666 through the umask, like open(); O_EXCL + O_NOFOLLOW: always a fresh file of ours.
-    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), temp
+def _open_temp(local_path: Path) -> tuple[_beneath.Directory, str, int, str]:
+    """The target's directory (made if missing), the target's name in it, and a fresh temp file there."""
+    directory, name = _beneath.open_parent(local_path)
+    try:
+        try:
+            st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            # A symlink is replaced, not followed; only one to a directory is refused, as before.
+            if stat.S_ISDIR(st.st_mode) or (
+                stat.S_ISLNK(st.st_mode) and os.path.isdir(os.path.join(directory.path, name))
+            ):
+                raise IsADirectoryError(errno.EISDIR, f"{local_path} is a directory", str(local_path))
+        temp = f".{name}.{secrets.token_hex(6)}{_archive.TEMP_SUFFIX}"
+        # 0o666 through the umask, like open(); O_EXCL + O_NOFOLLOW: always a fresh file of ours.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return directory, name, os.open(temp, flags, 0o666, dir_fd=directory.fd), temp
+    except BaseException:
+        directory.close()
+        raise
+
+
+def _discard_temp(directory: _beneath.Directory, fd: int, temp: str | None) -> None:
+    """Close what `_open_temp` opened, and remove the temp file unless it became the target."""
+    os.close(fd)
+    if temp is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=directory.fd)
+    directory.close()
+
+
+async def _to_thread_to_the_end(func: Callable[[], _T], undo: Callable[[_T], None] | None = None) -> _T:
+    """`func()` in a worker thread. If cancelled, wait for it (it uses descriptors the caller closes
+    once this raises) and `undo` its result."""
+    future = asyncio.ensure_future(asyncio.to_thread(func))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if undo is not None and not future.cancelled() and future.exception() is None:
+            undo(future.result())
+        raise
 
 
 async def download_file(link: Link, relpath: str, local_path: Path) -> None:
@@ -95,15 +136,19 @@ async def download_file(link: Link, relpath: str, local_path: Path) -> None:
             _url("files", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE
         ) as response:
             await raise_for_response(response, action)
-            fd, temp = await asyncio.to_thread(_open_temp, local_path)
+            directory, name, fd, temp = await _to_thread_to_the_end(
+                lambda: _open_temp(local_path), lambda opened: _discard_temp(opened[0], opened[2], opened[3])
+            )
+            leftover: str | None = temp
             try:
                 await _archive.write_stream(response.content, fd)
-                await asyncio.to_thread(os.replace, temp, local_path)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
+                # rename() replaces a symlink at the target itself, never what it points to.
+                await _to_thread_to_the_end(
+                    lambda: os.replace(temp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+                )
+                leftover = None
             finally:
-                os.close(fd)
+                _discard_temp(directory, fd, leftover)
 
 
 async def delete_file(link: Link, relpath: str) -> None:
@@ -145,8 +190,7 @@ async def _tar_chunks(root_fd: int) -> AsyncIterator[bytes]:
 
 async def download_directory(link: Link, relpath: str, local_path: Path) -> None:
     action = f"download of directory {relpath!r}"
-    if local_path.exists() and not local_path.is_dir():
-        raise NotADirectoryError(f"{local_path} exists and is not a directory")
+    await asyncio.to_thread(_check_directory_target, local_path)
     async with transfer(link, action):
         async with link.session.get(
             _url("directories", relpath), headers=_NO_COMPRESSION, read_bufsize=_READ_BUFSIZE
@@ -159,6 +203,14 @@ async def download_directory(link: Link, relpath: str, local_path: Path) -> None
                 )
             except tarfile.TarError as exc:
                 raise ArchiveError(f"{action}: the sandbox sent a broken archive: {exc}") from exc
+
+
+def _check_directory_target(local_path: Path) -> None:
+    """Before any request: `local_path` is a directory or missing, with no symlink on the way."""
+    try:
+        _beneath.open_directory(local_path).close()
+    except FileNotFoundError:
+        pass
 
 
 async def _in_thread_reading(reader: _archive.AsyncStreamFile, work: Callable[[], _T]) -> _T:
