@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ipybox._errors import ImageNotFoundError
+from ipybox._errors import ImageNotFoundError, ResourceError
 from ipybox.executor import ExecutionClient, ExecutionResult
 from ipybox.pool import Sandbox as PooledSandbox
 from ipybox.pool import SandboxPool, start_sandbox
+from ipybox.resource import _beneath, _files
 from ipybox.resource.client import ResourceClient
 
 logger = logging.getLogger("ipybox.mcp")
@@ -42,7 +44,88 @@ class SandboxOptions:
 
 
 class PathNotAllowedError(PermissionError):
-    """A host path outside the directories the server may read and write."""
+    """A host path outside the directories the server may read and write, or through a symlink below them."""
+
+
+class AllowedDirs:
+    """The host directories the server may read and write, each opened once and used through that
+    descriptor from then on.
+
+    `Sandbox.start` opens them, before any container exists. A requested path is made absolute as text
+    (a relative one against the first directory, `..` resolved lexically, root-owned links in `/` such
+    as macOS's `/tmp` resolved) and must lie below a directory, named as it was given or by its
+    physical path. The transfer then reaches it from that directory's descriptor one component at a
+    time and follows no symlink at all, even one pointing inside (`_beneath`): sandbox code can swap
+    any directory of a bind mount for a link at any moment, and `realpath` checked once would be stale
+    by the time the path is opened.
+    """
+
+    def __init__(self, directories: list[Path]) -> None:
+        self.directories = directories
+        self._roots: list[tuple[_beneath.Root, list[list[str]]]] | None = None
+        self._closed = False
+
+    def open(self) -> None:
+        """Open every directory, once."""
+        if self._closed:
+            raise RuntimeError("the allowed directories were closed: the server is shutting down")
+        if self._roots is not None:
+            return
+        roots: list[tuple[_beneath.Root, list[list[str]]]] = []
+        try:
+            for directory in self.directories:
+                root = _beneath.Root.open(directory)
+                roots.append((root, [_beneath.root_links_resolved(directory), _beneath.components(root.path)]))
+        except BaseException:
+            for root, _ in roots:
+                root.close()
+            raise
+        self._roots = roots
+
+    def close(self) -> None:
+        self._closed = True
+        for root, _ in self._roots or []:
+            root.close()
+        self._roots = None
+
+    def find(self, local_path: str) -> tuple[_beneath.Root, Path]:
+        """The directory `local_path` lies below, and the path as the root's path plus what is below."""
+        self.open()
+        assert self._roots is not None
+        path = Path(local_path).expanduser()
+        parts = _beneath.root_links_resolved(path if path.is_absolute() else self.directories[0] / path)
+        found: tuple[int, _beneath.Root] | None = None
+        for root, names in self._roots:
+            for name in names:
+                if parts[: len(name)] == name and (found is None or len(name) > found[0]):
+                    found = (len(name), root)
+        if found is None:
+            allowed = ", ".join(str(directory) for directory in self.directories)
+            raise PathNotAllowedError(
+                f"local path {local_path!r} (absolute: {os.sep + os.sep.join(parts)}) is outside the allowed "
+                f"directories: {allowed}. Start `ipybox mcp` with --allowed-dir to allow more."
+            )
+        length, root = found
+        return root, Path(root.path, *parts[length:])
+
+    def root_of(self, path: Path) -> _beneath.Root:
+        """The directory below which `path`, as `find` returned it, lies."""
+        self.open()
+        assert self._roots is not None
+        parts = _beneath.components(path)
+        # names[-1]: the directory's physical path, which `find` puts in front of what lies below.
+        below = [(len(names[-1]), root) for root, names in self._roots if parts[: len(names[-1])] == names[-1]]
+        if not below:
+            raise PathNotAllowedError(f"{path} is outside the allowed directories")
+        return max(below, key=lambda found: found[0])[1]
+
+    def refused_link(self, local_path: str, link: str) -> PathNotAllowedError:
+        allowed = ", ".join(str(directory) for directory in self.directories)
+        return PathNotAllowedError(
+            f"local path {local_path!r} goes through the symbolic link {link}: ipybox mcp follows no link "
+            f"below its allowed directories ({allowed}), as sandbox code can plant them; pass a path "
+            "without symbolic links"
+        )
 
 
 class Sandbox:
@@ -62,9 +145,12 @@ class Sandbox:
         self._kernel_lock = asyncio.Lock()
         self._closing: asyncio.Future[None] | None = None
         self._output_counter = 0
+        self._allowed = AllowedDirs(options.allowed_dirs)
 
     def start(self) -> None:
-        """Start the container in the background (the MCP handshake does not wait for it)."""
+        """Open the allowed directories, then start the container in the background (the MCP handshake
+        does not wait for it)."""
+        self._allowed.open()  # before any container exists, so no sandbox code can have touched them
         self._started = asyncio.create_task(self._start(), name="ipybox-mcp-sandbox-start")
 
     async def _start(self) -> None:
@@ -148,8 +234,11 @@ class Sandbox:
             if self._current is not None:
                 await self._current.close()
         finally:
-            if self._pool is not None:
-                await self._pool.close()
+            try:
+                if self._pool is not None:
+                    await self._pool.close()
+            finally:
+                self._allowed.close()
 
     # -- tools ------------------------------------------------------------------------------------
 
@@ -177,35 +266,49 @@ class Sandbox:
     async def upload(self, relpath: str, local_path: str) -> str:
         _, resources = await self.ready()
         path = self.allowed_path(local_path)
-        if not path.exists():
-            raise FileNotFoundError(f"File not found: {path} does not exist on the host")
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory; upload_file copies one file")
-        if not path.is_file():
-            raise OSError(f"{path} is not a regular file")
-        size = path.stat().st_size
-        await resources.upload_file(relpath, path)
+        try:
+            size = await _files.upload_file(resources._connected(), relpath, path, root=self._allowed.root_of(path))
+        except _beneath.SymlinkRefusedError as exc:
+            raise self._allowed.refused_link(local_path, str(exc.filename)) from exc
+        except FileNotFoundError as exc:
+            if isinstance(exc, ResourceError):
+                raise
+            raise FileNotFoundError(f"File not found: {path} does not exist on the host") from exc
+        except IsADirectoryError as exc:
+            raise IsADirectoryError(f"{path} is a directory; upload_file copies one file") from exc
         return f"uploaded {size} bytes from {path} to /app/{relpath.lstrip('/')}"
 
     async def download(self, relpath: str, local_path: str) -> str:
         _, resources = await self.ready()
         path = self.allowed_path(local_path)
-        await resources.download_file(relpath, path)
-        return f"downloaded {path.stat().st_size} bytes from /app/{relpath.lstrip('/')} to {path}"
+        try:
+            size = await _files.download_file(resources._connected(), relpath, path, root=self._allowed.root_of(path))
+        except _beneath.SymlinkRefusedError as exc:
+            raise self._allowed.refused_link(local_path, str(exc.filename)) from exc
+        return f"downloaded {size} bytes from /app/{relpath.lstrip('/')} to {path}"
 
     def allowed_path(self, local_path: str) -> Path:
-        """`local_path` resolved (symlinks included), if it lies in an allowed directory."""
-        path = Path(local_path).expanduser()
-        resolved = Path(os.path.realpath(path if path.is_absolute() else self.options.allowed_dirs[0] / path))
-        for directory in self.options.allowed_dirs:
-            root = Path(os.path.realpath(directory))
-            if os.path.commonpath([root, resolved]) == str(root):
-                return resolved
-        allowed = ", ".join(str(directory) for directory in self.options.allowed_dirs)
-        raise PathNotAllowedError(
-            f"local path {local_path!r} (resolved: {resolved}) is outside the allowed directories: {allowed}. "
-            "Start `ipybox mcp` with --allowed-dir to allow more."
-        )
+        """`local_path` made absolute (see `AllowedDirs`), if it lies in an allowed directory with no
+        symlink below it; the transfer checks again on the way, from the directory's descriptor.
+
+        Raises:
+            PathNotAllowedError: outside the allowed directories, or through a symlink; names the path.
+        """
+        root, path = self._allowed.find(local_path)
+        try:
+            directory, name = _beneath.open_parent(path, create=False, root=root)
+        except _beneath.SymlinkRefusedError as exc:
+            raise self._allowed.refused_link(local_path, str(exc.filename)) from exc
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return path  # missing (a download makes it) or not a directory: the transfer says so
+        with directory:
+            try:
+                st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return path
+        if stat.S_ISLNK(st.st_mode):
+            raise self._allowed.refused_link(local_path, str(path))
+        return path
 
     async def _save_output(self, resources: ResourceClient, text: str) -> str:
         self._output_counter += 1

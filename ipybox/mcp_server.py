@@ -73,14 +73,16 @@ def create_server(sandbox: Sandbox) -> MCPServer:
 
     @server.tool(
         description="Upload a host file into the sandbox at /app/<relpath> (parent directories are created). "
-        "local_path must lie in one of the directories the server allows (--allowed-dir)."
+        "local_path must lie in one of the directories the server allows (--allowed-dir); no symbolic link "
+        "below them is followed."
     )
     async def upload_file(relpath: str, local_path: str) -> CallToolResult:
         return await _file_call(sandbox.upload(relpath, local_path))
 
     @server.tool(
         description="Download the sandbox file /app/<relpath> to a host path. local_path must lie in one of "
-        "the directories the server allows (--allowed-dir); parent directories are created."
+        "the directories the server allows (--allowed-dir), with no symbolic link below them; parent "
+        "directories are created."
     )
     async def download_file(relpath: str, local_path: str) -> CallToolResult:
         return await _file_call(sandbox.download(relpath, local_path))

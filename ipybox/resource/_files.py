@@ -4,7 +4,10 @@ Bodies stream both ways in chunks of CHUNK_SIZE, with disk I/O in worker threads
 bounded whatever the size. Local writes are atomic like the server's: a download goes to a temp file
 next to the target and replaces it only when complete; a directory download is staged (`_archive`).
 Local writes reach the target's directory through `_beneath` (one component at a time, no symlinks)
-and everything in it through that directory's descriptor: temp file, rename, clean-up.
+and everything in it through that directory's descriptor: temp file, rename, clean-up. Given a `root`
+(`ipybox mcp`'s allowed directory, opened once), a transfer reaches its local path from the root's
+descriptor and follows no link at all, reads included; without one, an upload opens its source as
+the user named it, symlinks and all.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ def _url(kind: str, relpath: str) -> URL:
 # -- files -----------------------------------------------------------------------------------------
 
 
-async def upload_file(link: Link, relpath: str, local_path: Path) -> None:
+async def upload_file(link: Link, relpath: str, local_path: Path, *, root: _beneath.Root | None = None) -> int:
+    """Upload `local_path` (below `root`, if given: see the module); the number of bytes sent."""
     action = f"upload of {str(local_path)!r} to {relpath!r}"
-    file = await asyncio.to_thread(open, local_path, "rb", buffering=0)  # FileNotFoundError before any request
+    # FileNotFoundError (and, below a root, a refused symlink) before any request.
+    file = await _to_thread_to_the_end(lambda: _open_source(local_path, root), lambda opened: opened.close())
     try:
         size = os.fstat(file.fileno()).st_size
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
@@ -58,8 +63,20 @@ async def upload_file(link: Link, relpath: str, local_path: Path) -> None:
             body = watch.body(_read_chunks(file, size, local_path))
             async with link.session.put(_url("files", relpath), data=body, headers=headers) as response:
                 await raise_for_response(response, action)
+        return size
     finally:
         await asyncio.to_thread(file.close)
+
+
+def _open_source(local_path: Path, root: _beneath.Root | None) -> IO[bytes]:
+    if root is None:
+        return open(local_path, "rb", buffering=0)
+    fd = _beneath.open_file(local_path, root=root)
+    try:
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 async def _read_chunks(file: IO[bytes], size: int, local_path: Path) -> AsyncIterator[bytes]:
@@ -84,9 +101,9 @@ async def _read_chunks(file: IO[bytes], size: int, local_path: Path) -> AsyncIte
             await asyncio.wait([reading])
 
 
-def _open_temp(local_path: Path) -> tuple[_beneath.Directory, str, int, str]:
+def _open_temp(local_path: Path, root: _beneath.Root | None) -> tuple[_beneath.Directory, str, int, str]:
     """The target's directory (made if missing), the target's name in it, and a fresh temp file there."""
-    directory, name = _beneath.open_parent(local_path)
+    directory, name = _beneath.open_parent(local_path, root=root)
     try:
         try:
             st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
@@ -129,7 +146,8 @@ async def _to_thread_to_the_end(func: Callable[[], _T], undo: Callable[[_T], Non
         raise
 
 
-async def download_file(link: Link, relpath: str, local_path: Path) -> None:
+async def download_file(link: Link, relpath: str, local_path: Path, *, root: _beneath.Root | None = None) -> int:
+    """Download to `local_path` (below `root`, if given: see the module); the number of bytes written."""
     action = f"download of {relpath!r}"
     async with transfer(link, action):
         async with link.session.get(
@@ -137,16 +155,17 @@ async def download_file(link: Link, relpath: str, local_path: Path) -> None:
         ) as response:
             await raise_for_response(response, action)
             directory, name, fd, temp = await _to_thread_to_the_end(
-                lambda: _open_temp(local_path), lambda opened: _discard_temp(opened[0], opened[2], opened[3])
+                lambda: _open_temp(local_path, root), lambda opened: _discard_temp(opened[0], opened[2], opened[3])
             )
             leftover: str | None = temp
             try:
-                await _archive.write_stream(response.content, fd)
+                size = await _archive.write_stream(response.content, fd)
                 # rename() replaces a symlink at the target itself, never what it points to.
                 await _to_thread_to_the_end(
                     lambda: os.replace(temp, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
                 )
                 leftover = None
+                return size
             finally:
                 _discard_temp(directory, fd, leftover)
 
@@ -161,11 +180,13 @@ async def delete_file(link: Link, relpath: str) -> None:
 # -- directories -----------------------------------------------------------------------------------
 
 
-async def upload_directory(link: Link, relpath: str, local_path: Path) -> None:
+async def upload_directory(link: Link, relpath: str, local_path: Path, *, root: _beneath.Root | None = None) -> None:
+    """Upload the tree at `local_path` (below `root`, if given: see the module). Inside the tree no link
+    is ever followed, with or without a root: `iter_tar` opens each entry from its parent's descriptor
+    with O_NOFOLLOW and leaves links out."""
     action = f"upload of directory {str(local_path)!r} to {relpath!r}"
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     try:
-        root_fd = await asyncio.to_thread(os.open, local_path, flags)
+        root_fd = await _to_thread_to_the_end(lambda: _open_tree(local_path, root), os.close)
     except NotADirectoryError:
         raise FileNotFoundError(f"{local_path} is not a directory") from None
     try:
@@ -177,6 +198,15 @@ async def upload_directory(link: Link, relpath: str, local_path: Path) -> None:
                 await raise_for_response(response, action)
     finally:
         os.close(root_fd)
+
+
+def _open_tree(local_path: Path, root: _beneath.Root | None) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if root is None:
+        return os.open(local_path, flags)
+    with _beneath.open_directory(local_path, root=root) as directory:
+        # The walk's descriptor may be O_PATH; "." reopens that very directory for reading.
+        return os.open(".", flags, dir_fd=directory.fd)
 
 
 async def _tar_chunks(root_fd: int) -> AsyncIterator[bytes]:

@@ -36,8 +36,14 @@ async def test_uploading_a_missing_host_file_says_it_does_not_exist(
 ) -> None:
     sandbox = Sandbox(SandboxOptions(tag="t", allowed_dirs=[tmp_path]))
 
-    async def ready() -> tuple[None, None]:
-        return None, None
+    class Unreachable:
+        """No sandbox: the host file is opened, and found missing, before any request."""
+
+        def _connected(self) -> None:
+            return None
+
+    async def ready() -> tuple[None, Unreachable]:
+        return None, Unreachable()
 
     monkeypatch.setattr(sandbox, "ready", ready)
     with pytest.raises(FileNotFoundError, match="File not found: .*does not exist"):
@@ -45,3 +51,4 @@ async def test_uploading_a_missing_host_file_says_it_does_not_exist(
     (tmp_path / "folder").mkdir()
     with pytest.raises(IsADirectoryError, match="is a directory"):
         await sandbox.upload("x.txt", str(tmp_path / "folder"))
+    await sandbox.close()

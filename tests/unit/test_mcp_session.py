@@ -12,6 +12,7 @@ from ipybox._mcp_session import (
     parse_key_values,
     truncate_middle,
 )
+from ipybox.resource import _beneath
 
 
 def test_truncate_middle_keeps_both_ends_and_says_what_was_cut() -> None:
@@ -41,14 +42,54 @@ def test_binds() -> None:
             parse_binds([bad])
 
 
-def test_allowed_paths_resolve_symlinks(tmp_path: Path) -> None:
+async def test_allowed_paths_lie_below_an_allowed_dir_with_no_symlink(tmp_path: Path) -> None:
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     allowed.mkdir()
     outside.mkdir()
+    (allowed / "inside").mkdir()
     os.symlink(outside, allowed / "escape")
+    os.symlink(allowed / "inside", allowed / "within")  # even a link pointing inside is not followed
+    os.symlink(allowed / "inside", tmp_path / "alias")  # nor one leading into the allowed directory
     sandbox = Sandbox(SandboxOptions(tag="t", allowed_dirs=[allowed]))
-    assert sandbox.allowed_path(str(allowed / "f.txt")) == allowed.resolve() / "f.txt"
-    assert sandbox.allowed_path("rel/f.txt") == allowed.resolve() / "rel" / "f.txt"
-    for bad in [str(outside / "f.txt"), str(allowed / "escape" / "f.txt"), str(allowed / ".." / "outside" / "f")]:
-        with pytest.raises(PathNotAllowedError, match=str(allowed)):
-            sandbox.allowed_path(bad)
+    try:
+        assert sandbox.allowed_path(str(allowed / "f.txt")) == allowed.resolve() / "f.txt"
+        assert sandbox.allowed_path("rel/f.txt") == allowed.resolve() / "rel" / "f.txt"
+        assert sandbox.allowed_path("inside/../f.txt") == allowed.resolve() / "f.txt"
+        assert sandbox.allowed_path("missing/deeper/f.txt") == allowed.resolve() / "missing" / "deeper" / "f.txt"
+        for bad in [
+            str(outside / "f.txt"),
+            str(allowed / ".." / "outside" / "f"),
+            "../outside/f",
+            str(tmp_path / "alias" / "f.txt"),
+        ]:
+            with pytest.raises(PathNotAllowedError, match=f"outside the allowed directories: {allowed}"):
+                sandbox.allowed_path(bad)
+        for bad, link in [
+            (str(allowed / "escape" / "f.txt"), allowed / "escape"),
+            (str(allowed / "within" / "f.txt"), allowed / "within"),
+            (str(allowed / "within"), allowed / "within"),
+        ]:
+            with pytest.raises(PathNotAllowedError, match=f"goes through the symbolic link {link}: .*{allowed}"):
+                sandbox.allowed_path(bad)
+    finally:
+        await sandbox.close()
+
+
+async def test_allowed_dirs_are_used_through_the_descriptor_opened_first(tmp_path: Path) -> None:
+    """A directory swapped for a symlink after it was opened: paths below it still reach the original."""
+    parent, outside = tmp_path / "parent", tmp_path / "outside"
+    (parent / "allowed").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "f.txt").write_text("outside")
+    (parent / "allowed" / "f.txt").write_text("allowed")
+    sandbox = Sandbox(SandboxOptions(tag="t", allowed_dirs=[parent / "allowed"]))
+    try:
+        sandbox.allowed_path("f.txt")  # opens the allowed directories (Sandbox.start does, in the server)
+        os.rename(parent / "allowed", parent / "moved")
+        os.symlink(outside, parent / "allowed")
+        path = sandbox.allowed_path(str(parent / "allowed" / "f.txt"))
+        fd = _beneath.open_file(path, root=sandbox._allowed.root_of(path))
+        with os.fdopen(fd, "rb") as file:
+            assert file.read() == b"allowed"
+    finally:
+        await sandbox.close()
