@@ -26,7 +26,7 @@ import aiodocker
 import aiohttp
 
 from ipybox._errors import FirewallError
-from ipybox._labels import CONTAINER_LABEL, EXECUTOR_PORT, RESOURCE_PORT
+from ipybox._labels import CONTAINER_LABEL, EXECUTOR_PORT, HELPER_LABEL, HELPER_OF_LABEL, RESOURCE_PORT
 
 logger = logging.getLogger("ipybox.firewall")
 
@@ -199,13 +199,12 @@ async def _run_helper(
     if mode == "host" or mode.startswith("container:"):
         # The helper would join that namespace: the host's own rules, or another container's.
         raise FirewallError(f"the sandbox shares a network namespace ({mode}); refusing to write rules there")
-    labels = dict((info.get("Config") or {}).get("Labels") or {})
     config: dict[str, Any] = {
         "Image": image_id,
         "User": "0:0",
         "Entrypoint": ["/opt/ipybox/venv/bin/python", "-I", "-m", "ipybox_server.firewall"],
         "Cmd": [json.dumps(spec)],
-        "Labels": {**labels, CONTAINER_LABEL: "true"},
+        "Labels": {CONTAINER_LABEL: "true", HELPER_LABEL: "firewall", HELPER_OF_LABEL: str(info["Id"])},
         "HostConfig": {
             "NetworkMode": f"container:{info['Id']}",
             "CapDrop": ["ALL"],

@@ -19,6 +19,13 @@ GID_LABEL = "ai.gradion.ipybox.gid"
 CONTAINER_LABEL = "ai.gradion.ipybox.container"
 """Present (value "true") on every container ExecutionContainer starts."""
 
+HELPER_LABEL = "ai.gradion.ipybox.helper"
+"""On a short-lived helper container (value: its job, e.g. "firewall"), beside CONTAINER_LABEL so that
+`ipybox cleanup` finds it; it does not carry the sandbox's own labels, so listings by those count
+sandboxes only. HELPER_OF_LABEL names the sandbox's container id."""
+
+HELPER_OF_LABEL = "ai.gradion.ipybox.helper-of"
+
 EXECUTOR_PORT = 8888
 """Container port of the Jupyter Kernel Gateway."""
 

@@ -123,7 +123,10 @@ async def test_a_failed_helper_leaves_no_network(
             return
         assert "disconnected" in message, f"the error must say what became of the sandbox: {message}"
         assert networks == {}, f"the sandbox is still on {sorted(networks)}: {message}"
-        # The kernel still answers the host (over the unix socket), and reaches nothing.
+    # A client on this machine still reaches a kernel (over the unix socket: the open client may have
+    # been on the container's address, which is gone), and the kernel reaches nothing.
+    async with ExecutionClient(port=container.executor_port) as client:
+        await client.execute(PROBE)
         assert (await client.execute(f"print(probe({peer!r}, 8080))")).text != "hello"
 
 
