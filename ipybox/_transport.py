@@ -104,7 +104,8 @@ class KernelTransport:
         headers = {"Authorization": f"token {token}"} if token else {}
         try:
             if not await self._create_kernel_direct(headers):
-                self._session = aiohttp.ClientSession(self.base_url, headers=headers)
+                connector = _routes.published_connector(self.host, self.port, EXECUTOR_PORT)
+                self._session = aiohttp.ClientSession(self.base_url, headers=headers, connector=connector)
                 self.kernel_id = await self._create_kernel(retries, retry_interval)
             self.ws = await self.open_websocket()
         except aiohttp.WSServerHandshakeError as exc:

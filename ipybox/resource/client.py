@@ -118,7 +118,8 @@ class ResourceClient:
             except BaseException:
                 await self.disconnect()
                 raise
-        self._session = aiohttp.ClientSession(self._base_url, headers=headers, timeout=timeout)
+        connector = _routes.published_connector(self.host, self.port, RESOURCE_PORT)
+        self._session = aiohttp.ClientSession(self._base_url, headers=headers, connector=connector, timeout=timeout)
         last_error: Exception | None = None
         try:
             for attempt in range(max(self.connect_retries, 1)):
