@@ -69,65 +69,14 @@ from aiohttp.client_exceptions import UnixClientConnectorError
 from aiohttp.client_proto import ResponseHandler
 
 from ipybox import _tokens
+from ipybox._process import Process, find_server
 
 logger = logging.getLogger(__name__)
 
-_PROC = Path("/proc")
-_ENDED = frozenset("ZXx")  # zombie, dead: /proc/<pid>/stat still shows the process, but it serves nothing
 
 _routes: dict[tuple[tuple[str, int], int], str] = {}
 _sockets: dict[tuple[tuple[str, int], int], tuple[str, int, str]] = {}  # -> (path in the container, pid, id)
 _servers: dict[tuple[tuple[str, int], int], _Server] = {}
-
-
-@dataclass(frozen=True)
-class Process:
-    """One process for good: its host pid and its start time (a process that gets the pid later starts later)."""
-
-    pid: int
-    start: int  # clock ticks after boot, field 22 of /proc/<pid>/stat
-
-    @classmethod
-    def of(cls, pid: int) -> Process | None:
-        stat_ = _stat(pid)
-        if stat_ is None or stat_[0] in _ENDED:
-            return None
-        return cls(pid, stat_[2])
-
-    def runs(self) -> bool:
-        stat_ = _stat(self.pid)
-        return stat_ is not None and stat_[2] == self.start and stat_[0] not in _ENDED
-
-
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, start time) of a process, or None when there is no such process."""
-    try:
-        text = (_PROC / str(pid) / "stat").read_text()
-        # The command name (field 2) is in parentheses and may hold anything, parentheses and spaces included.
-        fields = text[text.rindex(")") + 2 :].split()
-        return fields[0], int(fields[1]), int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def find_server(init: int) -> Process | None:
-    """The container's server process: its init's only child, asked right after the server said it is ready.
-
-    At that moment no cell has run and kernels are the server's children, not init's. Later, processes
-    that cells leave behind become init's children too, so the server is identified once, here.
-    """
-    try:
-        children = (_PROC / str(init) / "task" / str(init) / "children").read_text().split()
-    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: ask every process for its parent
-        children = [name for name in os.listdir(_PROC) if name.isdigit() and _parent(int(name)) == init]
-    if len(children) != 1:
-        return None
-    return Process.of(int(children[0]))
-
-
-def _parent(pid: int) -> int | None:
-    stat_ = _stat(pid)
-    return None if stat_ is None else stat_[1]
 
 
 @dataclass(frozen=True)
@@ -156,7 +105,7 @@ class _Server:
 
 def record(
     host: str, published: dict[int, int], container_info: dict[str, Any], sockets: dict[int, str] | None = None
-) -> None:
+) -> Process | None:
     """Remember the direct ways to each published port (container port -> host port), and the server.
 
     `sockets` maps container ports to the unix socket that serves the same server in the container.
@@ -179,6 +128,7 @@ def record(
         path = (sockets or {}).get(container_port)
         if path and pid and container_id:
             _sockets[key] = (path, pid, container_id)
+    return server.process if server is not None else None
 
 
 def forget(host: str, host_ports: list[int]) -> None:
@@ -187,6 +137,13 @@ def forget(host: str, host_ports: list[int]) -> None:
     for table in tables:
         for key in [k for k in table if k[0] in keys]:
             del table[key]
+
+
+def forget_addresses(host: str, host_ports: list[int]) -> None:
+    """Forget the container-address routes only (the sandbox left its networks; its sockets still serve)."""
+    keys = {_tokens.key(host, port) for port in host_ports}
+    for key in [k for k in _routes if k[0] in keys]:
+        del _routes[key]
 
 
 def unix_socket(host: str, port: int, container_port: int) -> str | None:
@@ -265,9 +222,12 @@ def direct_sessions(host: str, port: int, container_port: int) -> list[tuple[str
 def published_connector(host: str, port: int, container_port: int) -> aiohttp.BaseConnector | None:
     """The connector for the published port: checks each connection against the recorded server.
 
-    None (aiohttp's default connector) when no server was identified for host:port.
+    The server comes from this process's records, else from the secret's record (a client in another
+    process of the user); None (aiohttp's default connector) when neither identified one.
     """
     server = _servers.get((_tokens.key(host, port), container_port))
+    if server is None and (recorded := _tokens.recorded_server(host, port)) is not None:
+        server = _Server(*recorded)
     if server is None or server.process is None:
         return None
     return _ServerTCPConnector(server, direct=False)

@@ -23,6 +23,12 @@ engine, Docker Desktop's VM or another pid namespace the pid means nothing here,
 (and records without a container id) are handed out unchecked, as before; `ipybox cleanup` removes
 their files once the container is gone. A restarted container has a new init pid, so its old record
 is refused: ipybox never restarts its containers.
+
+A record also names the container's server process (pid and start time, ipybox._process), when it was
+identified at start: then the secret is handed out only while that very process runs. A cell can hold
+the container's init under ptrace, kill the server and serve its ports itself while the container still
+counts as running; a client in another process, which knows only this file, must not send the secret
+to it (and its published-port connections are refused: ipybox._routes.published_connector).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from ipybox._process import Process
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""}
 _PROC = Path("/proc")
@@ -41,11 +49,14 @@ class _Record:
     token: str
     container_id: str = ""
     pid: int = 0  # 0: not checkable from this process
+    server: Process | None = None  # the container's server process, when identified at start
 
     def alive(self) -> bool:
-        """False only when the container is known to be gone."""
+        """False only when the container, or its server process, is known to be gone."""
         if not self.container_id or not self.pid:
             return True
+        if self.server is not None and not self.server.runs():
+            return False
         return container_runs(self.container_id, self.pid)
 
 
@@ -85,16 +96,19 @@ def container_runs(container_id: str, pid: int) -> bool:
         return False
 
 
-def register(host: str, port: int, token: str, container_id: str = "", pid: int = 0) -> None:
+def register(
+    host: str, port: int, token: str, container_id: str = "", pid: int = 0, server: Process | None = None
+) -> None:
     """Record the secret of a server published at host:port, in memory and in a user-only file.
 
     The file holds the secret on its first line, the container id on its second (so that `ipybox
-    cleanup` can remove the files of containers that are gone) and the pid of the container's init
-    process on its third (0 when this process cannot check it; see the module docstring).
+    cleanup` can remove the files of containers that are gone), the pid of the container's init
+    process on its third (0 when this process cannot check it; see the module docstring) and the
+    server process as `pid start` on its fourth (none when not identified).
     """
     if pid and not (container_id and container_runs(container_id, pid)):
-        pid = 0
-    _registry[key(host, port)] = _Record(token, container_id, pid)
+        pid, server = 0, None
+    _registry[key(host, port)] = _Record(token, container_id, pid, server)
     directory = token_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
@@ -104,7 +118,8 @@ def register(host: str, port: int, token: str, container_id: str = "", pid: int 
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as file:
-        file.write(f"{token}\n{container_id}\n{pid}\n")
+        server_line = f"{server.pid} {server.start}\n" if server is not None else ""
+        file.write(f"{token}\n{container_id}\n{pid}\n{server_line}")
     os.replace(tmp, path)
 
 
@@ -153,7 +168,20 @@ def _read(path: Path) -> _Record | None:
         pid = int(lines[2]) if len(lines) > 2 and lines[2].strip() else 0
     except ValueError:
         pid = 0
-    return _Record(token, container_id, pid)
+    server = None
+    fields = lines[3].split() if len(lines) > 3 else []
+    if len(fields) == 2 and all(field.isdigit() for field in fields):
+        server = Process(int(fields[0]), int(fields[1]))
+    return _Record(token, container_id, pid, server)
+
+
+def recorded_server(host: str, port: int) -> tuple[str, int, Process] | None:
+    """(container id, init pid, server process) recorded for host:port, when all three are known."""
+    name = key(host, port)
+    record = _registry.get(name) or _read(_token_file(host, port))
+    if record is None or not record.container_id or not record.pid or record.server is None:
+        return None
+    return record.container_id, record.pid, record.server
 
 
 def remove_stale(alive_container_ids: set[str]) -> None:

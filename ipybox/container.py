@@ -34,6 +34,7 @@ from ipybox._labels import (
     VERSION_LABEL,
 )
 from ipybox._limits import parse_memory
+from ipybox._process import Process
 from ipybox._pull import ensure_image
 from ipybox._version import __version__
 
@@ -213,6 +214,7 @@ class ExecutionContainer:
         self._registered: list[int] = []
         self._image_id: str | None = None
         self._pid = 0
+        self._server: Process | None = None  # the server process, identified at start (ipybox._process)
         self._removal: asyncio.Future[None] | None = None
         self._removal_reported = True
 
@@ -372,10 +374,16 @@ class ExecutionContainer:
         """
         if self._container is None or self._docker is None or self._image_id is None:
             raise InvalidStateError("Container not running")
-        with docker_errors("initializing the firewall", self._container.id, FirewallError):
-            summary = await _firewall.apply(
-                self._docker, self._container, self._image_id, allowed_domains, remove=self.kill
-            )
+        try:
+            with docker_errors("initializing the firewall", self._container.id, FirewallError):
+                summary = await _firewall.apply(
+                    self._docker, self._container, self._image_id, allowed_domains, remove=self.kill
+                )
+        except FirewallError:
+            # A sandbox cut off its networks keeps its address in Docker's records no more, and the
+            # address may go to another container: clients must not try it again.
+            _routes.forget_addresses(self.host, [p for p in (self._executor_port, self._resource_port) if p])
+            raise
         logger.info(
             "firewall of %s: allowed %s, host network %s, resolvers %s",
             self._container.id[:12],
@@ -427,7 +435,7 @@ class ExecutionContainer:
             await self._read_ports()
 
         for port in (self.executor_port, self.resource_port):
-            _tokens.register(self.host, port, token, container_id, self._pid)
+            _tokens.register(self.host, port, token, container_id, self._pid, self._server)
             self._registered.append(port)
 
     def _known_gone(self) -> bool:
@@ -544,7 +552,7 @@ class ExecutionContainer:
                 pid = int((info.get("State") or {}).get("Pid") or 0)
                 # Only a pid this process can check is worth keeping (a remote engine's means nothing here).
                 self._pid = pid if pid and _tokens.container_runs(str(info.get("Id") or ""), pid) else 0
-                _routes.record(
+                self._server = _routes.record(
                     self.host,
                     {EXECUTOR_PORT: executor, RESOURCE_PORT: resource},
                     info,

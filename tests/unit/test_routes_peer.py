@@ -20,8 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ipybox import _process as processes
 from ipybox import _routes, _tokens
-from ipybox._routes import Process
+from ipybox._process import Process
 
 CONTAINER_ID = "c" * 64
 
@@ -101,7 +102,7 @@ def test_the_start_time_is_read_past_any_command_name(tmp_path: Path) -> None:
         assert identity is not None and identity.runs()
         stat = Path(f"/proc/{child.pid}/stat").read_text()
         assert identity.start == int(stat[stat.rindex(")") + 2 :].split()[19])
-        assert (_routes._stat(child.pid) or ())[1:] == (os.getpid(), identity.start)
+        assert (processes._stat(child.pid) or ())[1:] == (os.getpid(), identity.start)
 
 
 def test_the_server_is_the_only_child_of_init() -> None:
@@ -112,16 +113,16 @@ def test_the_server_is_the_only_child_of_init() -> None:
     )
     with _process(sys.executable, "-c", code, "1") as init:
         deadline = time.monotonic() + 5
-        while (server := _routes.find_server(init.pid)) is None:
+        while (server := processes.find_server(init.pid)) is None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert server.runs() and _routes._stat(server.pid) is not None
-        assert (_routes._stat(server.pid) or ("", 0, 0))[1] == init.pid
+        assert server.runs() and processes._stat(server.pid) is not None
+        assert (processes._stat(server.pid) or ("", 0, 0))[1] == init.pid
     with _process(sys.executable, "-c", code, "2") as init:
         time.sleep(0.5)
-        assert _routes.find_server(init.pid) is None, "two children: which one serves is unknown"
+        assert processes.find_server(init.pid) is None, "two children: which one serves is unknown"
     with _process() as childless:
-        assert _routes.find_server(childless.pid) is None
+        assert processes.find_server(childless.pid) is None
 
 
 def test_the_server_is_found_without_the_children_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,8 +132,8 @@ def test_the_server_is_found_without_the_children_file(tmp_path: Path, monkeypat
         (tmp_path / str(pid) / "stat").write_text(
             f"{pid} (p) S {parent} {pid} 0 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {pid * 7} 0 0\n"
         )
-    monkeypatch.setattr(_routes, "_PROC", tmp_path)
-    assert _routes.find_server(100) == Process(101, 707)
+    monkeypatch.setattr(processes, "_PROC", tmp_path)
+    assert processes.find_server(100) == Process(101, 707)
 
 
 # -- the unix socket connector -------------------------------------------------------------------
@@ -303,7 +304,7 @@ async def test_record_identifies_the_server_and_hands_out_checking_connectors(
     code = "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
     with _process(sys.executable, "-c", code) as init:
         deadline = time.monotonic() + 5
-        while _routes.find_server(init.pid) is None:
+        while processes.find_server(init.pid) is None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         info = {
@@ -314,7 +315,7 @@ async def test_record_identifies_the_server_and_hands_out_checking_connectors(
         _routes.record("127.0.0.1", {8888: 40021}, info, {8888: "/run/ipybox/executor.sock"})
         try:
             server = _routes._servers[(("localhost", 40021), 8888)]
-            assert server.process == _routes.find_server(init.pid)
+            assert server.process == processes.find_server(init.pid)
             assert isinstance(_routes.published_connector("localhost", 40021, 8888), _routes._ServerTCPConnector)
             assert _routes.direct_url("localhost", 40021, 8888) == "http://172.17.0.9:8888"
             routes = _routes.direct_sessions("localhost", 40021, 8888)

@@ -129,3 +129,27 @@ def test_file_of_an_older_ipybox_without_pid_is_read(runtime_dir: Path) -> None:
     runtime_dir.mkdir(mode=0o700)
     (runtime_dir / "localhost-4321.token").write_text("secret\ncid\n")
     assert _tokens.lookup("localhost", 4321) == "secret"
+
+
+def test_secret_is_withheld_once_the_server_process_is_gone(proc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The container still runs (its init is in its cgroup), but the recorded server process does not:
+    # a cell may be serving the ports.
+    from ipybox import _process
+    from ipybox._process import Process
+
+    monkeypatch.setattr(_process, "_PROC", proc)
+    run_in(proc, 4242, "c" * 64)
+    (proc / "4243").mkdir()
+    (proc / "4243" / "stat").write_text("4243 (python) S 4242 " + "0 " * 17 + "777 0\n")
+    server = Process.of(4243)
+    assert server == Process(4243, 777)
+    _tokens.register("127.0.0.1", 4321, "secret", "c" * 64, 4242, server)
+    assert _tokens.lookup("localhost", 4321) == "secret"
+    monkeypatch.setattr(_tokens, "_registry", {})  # another process: the file names the server too
+    assert _tokens.recorded_server("localhost", 4321) == ("c" * 64, 4242, server)
+    assert _tokens.lookup("localhost", 4321) == "secret"
+
+    (proc / "4243" / "stat").write_text("4243 (python) Z 4242 " + "0 " * 17 + "777 0\n")  # killed
+    assert _tokens.lookup("localhost", 4321) is None
+    (proc / "4243" / "stat").write_text("4243 (cell) S 4242 " + "0 " * 17 + "999 0\n")  # pid reused
+    assert _tokens.lookup("localhost", 4321) is None
