@@ -449,10 +449,14 @@ class ExecutionContainer:
         return bool(self._pid) and not _tokens.container_runs(self._container.id, self._pid)
 
     def _container_config(self, sandbox_ids: tuple[int, int], home: str | None = None) -> dict[str, Any]:
-        binds = [
-            f"{_host_bind_path(host_path, sandbox_ids)}:{_container_bind_path(container_path)}"
-            for host_path, container_path in self.binds.items()
-        ]
+        binds = []
+        for host_path, container_path in self.binds.items():
+            source, target = _host_bind_path(host_path, sandbox_ids), _container_bind_path(container_path)
+            # Said at start, not at the first write: a bind the sandbox user cannot write is often a
+            # directory the user made as root for a non-root image.
+            if (problem := _unwritable_bind(source, sandbox_ids)) is not None:
+                logger.warning("bind %s -> %s: %s", source, target, problem)
+            binds.append(f"{source}:{target}")
         host_config: dict[str, Any] = {
             "Binds": binds,
             "PortBindings": {
@@ -700,6 +704,32 @@ def _host_bind_path(host_path: str, sandbox_ids: tuple[int, int]) -> str:
         if os.geteuid() == 0 and sandbox_ids != (0, 0):
             os.chown(path, *sandbox_ids)
     return str(path)
+
+
+def _unwritable_bind(host_path: str, sandbox_ids: tuple[int, int]) -> str | None:
+    """Why the sandbox user cannot write the bound directory (or file), with the fixes; None if it can.
+
+    The sandbox holds no capability, root images included (no CAP_DAC_OVERRIDE): only the owner, group
+    and other bits count. Supplementary groups and ACLs are not looked at.
+    """
+    try:
+        info = os.stat(host_path)
+    except OSError:
+        return None
+    uid, gid = sandbox_ids
+    writable = (
+        (info.st_uid == uid and info.st_mode & 0o200)
+        or (info.st_gid == gid and info.st_mode & 0o020)
+        or info.st_mode & 0o002
+    )
+    if writable:
+        return None
+    return (
+        f"the sandbox user (uid {uid}, gid {gid}) cannot write it (owner {info.st_uid}:{info.st_gid}, mode "
+        f"{info.st_mode & 0o7777:04o}), so a cell's write there fails with PermissionError. If the sandbox "
+        f"should write there: `chown -R {uid}:{gid} {host_path}`, or use a root image (`ipybox build -r`) "
+        "when the directory is root's; to share it read-only on purpose, nothing to do"
+    )
 
 
 def _token_tar(token: str, sandbox_ids: tuple[int, int]) -> bytes:

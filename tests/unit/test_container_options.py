@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,31 @@ def test_dns_servers_must_be_addresses() -> None:
     assert ExecutionContainer(dns=[" 192.0.2.53", "2001:db8::53"]).dns == ["192.0.2.53", "2001:db8::53"]
     with pytest.raises(ValueError, match="not an IP address"):
         ExecutionContainer(dns=["resolver.example"])
+
+
+def test_a_bind_the_sandbox_user_cannot_write_is_named_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The seed's example 06 as root: `mkdir output` (root, 0755) bound into a uid-1000 sandbox.
+    theirs, shared, ours = tmp_path / "output", tmp_path / "shared", tmp_path / "mine"
+    for directory in (theirs, shared, ours):
+        directory.mkdir()
+    theirs.chmod(0o755)
+    shared.chmod(0o777)
+    if os.geteuid() == 0:
+        os.chown(ours, 1000, 1000)
+    else:
+        ours = tmp_path / "made-by-ipybox"  # created for the sandbox user
+    container = ExecutionContainer(binds={str(theirs): "output", str(shared): "shared", str(ours): "mine"})
+    sandbox = (1000, 1000) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+    with caplog.at_level("WARNING", logger="ipybox"):
+        container._container_config(sandbox)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    if os.geteuid() == 0:
+        assert len(warnings) == 1, warnings
+        assert str(theirs) in warnings[0] and "/app/output" in warnings[0]
+        assert (
+            "cannot write" in warnings[0] and "chown -R 1000:1000" in warnings[0] and "ipybox build -r" in warnings[0]
+        )
+    else:  # our own directories are writable by a sandbox that runs as us
+        assert warnings == []
