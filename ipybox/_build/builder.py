@@ -16,6 +16,7 @@ from .context import build_args, context_files, context_tar
 from .dependencies import parse_dependencies
 from .docker_client import docker_client
 from .events import ProgressCallback, Reporter, parse_step
+from .npm_settings import read_npm_registry
 from .pip_settings import read_pip_settings
 from .user import sandbox_user
 
@@ -38,9 +39,12 @@ async def build_image(
 ) -> str:
     """Builds an ipybox image.
 
-    The image has the kernel gateway and the ipybox server in `/opt/ipybox/venv`, the packages of
-    `dependencies` in a layer of their own, and runs as a non-root user whose uid/gid are the builder's
-    (1000 when the builder is root). Unchanged inputs rebuild from the layer cache in seconds.
+    The image has two Python environments: ipybox's machinery (kernel gateway, ipybox server) in
+    `/opt/ipybox/venv`, which the user cannot change, and the user environment `/opt/ipybox/user-venv`
+    (kernels, `pip install` in cells), owned by the sandbox user, into which the packages of `dependencies`
+    go in a layer of their own. uv, uvx, node, npm and npx are on PATH; pip, uv and npm use the host's
+    index settings and CA bundle. The image runs as a non-root user whose uid/gid are the builder's (1000
+    when the builder is root). Unchanged inputs rebuild from the layer cache in seconds.
 
     Example:
         ```python
@@ -49,8 +53,8 @@ async def build_image(
 
     Args:
         tag: name of the image.
-        dependencies: a file of extra requirements, requirements.txt lines or pyproject
-            `dependencies` array items; validated before anything is sent to Docker.
+        dependencies: a file of extra requirements for the user environment, requirements.txt lines or
+            pyproject `dependencies` array items; validated before anything is sent to Docker.
         root: run the image's processes as root instead of the sandbox user.
         base_image: a Debian-based image; pulled when missing, and replaced by a local debootstrap base
             (`LOCAL_BASE_IMAGE`) when it cannot be pulled.
@@ -67,8 +71,9 @@ async def build_image(
     report = Reporter(on_progress)
     requirements = parse_dependencies(dependencies) if dependencies is not None else []
     pip = await asyncio.to_thread(read_pip_settings)
+    npm_registry = await asyncio.to_thread(read_npm_registry)
     user = sandbox_user(root)
-    files = context_files(requirements, pip)
+    files = context_files(requirements, pip, npm_registry=npm_registry)
     async with docker_client() as docker:
         await docker.version()  # fail fast, with a clear error, when no engine answers
         base = await ensure_base_image(docker, base_image, report)

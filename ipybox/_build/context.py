@@ -14,11 +14,15 @@ from pathlib import Path
 
 from .._errors import BuildError
 from .._version import __version__
-from .pip_settings import PipSettings, render_pip_conf
+from .npm_settings import PUBLIC_NPM_REGISTRY, render_npmrc
+from .pip_settings import PipSettings, render_pip_conf, render_uv_toml
 from .user import SandboxUser
 
 IMAGE_DIR = Path(__file__).resolve().parent.parent / "_image"
-"""Holds the Dockerfile, requirements-core.txt and the ipybox_server package."""
+"""Holds the Dockerfile, its requirement files and the ipybox_server package."""
+
+IMAGE_FILES = ("Dockerfile", "requirements-core.txt", "requirements-user.txt", "tools.txt", "kernel-constraints.txt")
+"""Files of `IMAGE_DIR` copied into the context as they are."""
 
 SERVER_PACKAGE = "ipybox_server"
 
@@ -34,26 +38,39 @@ def build_args(base_image: str, user: SandboxUser) -> dict[str, str]:
     }
 
 
-def context_files(requirements: Sequence[str], pip: PipSettings, image_dir: Path = IMAGE_DIR) -> dict[str, bytes]:
+def context_files(
+    requirements: Sequence[str],
+    pip: PipSettings,
+    image_dir: Path = IMAGE_DIR,
+    npm_registry: str = PUBLIC_NPM_REGISTRY,
+) -> dict[str, bytes]:
     """Maps each path in the build context to its content.
+
+    `host/` holds the configuration files rendered from the host's settings: pip.conf, uv.toml, npmrc and,
+    when pip names one, the CA bundle (ca.pem).
 
     Raises:
         BuildError: a file of the image directory (or the CA bundle) cannot be read.
     """
     try:
-        files = {
-            "Dockerfile": (image_dir / "Dockerfile").read_bytes(),
-            "requirements-core.txt": (image_dir / "requirements-core.txt").read_bytes(),
-            "dependencies.txt": "".join(f"{r}\n" for r in requirements).encode(),
-            "pip/pip.conf": render_pip_conf(pip).encode(),
-        }
+        files = {name: (image_dir / name).read_bytes() for name in IMAGE_FILES}
+        constraints = kernel_constraints(files["kernel-constraints.txt"].decode())
+        files["dependencies.txt"] = "".join(f"{r}\n" for r in requirements).encode()
+        files["host/pip.conf"] = render_pip_conf(pip).encode()
+        files["host/uv.toml"] = render_uv_toml(pip, constraints).encode()
+        files["host/npmrc"] = render_npmrc(npm_registry).encode()
         if pip.cert is not None:
-            files["pip/ca.pem"] = pip.cert.read_bytes()
+            files["host/ca.pem"] = pip.cert.read_bytes()
         for path in _server_files(image_dir / SERVER_PACKAGE):
             files[path.relative_to(image_dir).as_posix()] = path.read_bytes()
     except OSError as exc:
         raise BuildError(f"Cannot assemble the build context: {exc}") from exc
     return files
+
+
+def kernel_constraints(text: str) -> list[str]:
+    """The requirement lines of kernel-constraints.txt (comments and blank lines dropped)."""
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
 def _server_files(root: Path) -> Iterator[Path]:

@@ -1,26 +1,31 @@
-"""The host's pip settings, passed into the image build.
+"""The host's pip settings, passed into the image build as pip's and uv's configuration files.
 
-Where the host reaches PyPI through a mirror or a TLS-intercepting proxy, pip inside the build needs the
-same index URLs and CA bundle. We read them from `pip config list` and the `PIP_*` environment, keep what
-is meaningful inside a container (http(s) URLs, the CA bundle's content) and drop host paths such as
-`file://` indexes or local find-links, which do not exist inside the build.
+Where the host reaches PyPI through a mirror or a TLS-intercepting proxy, pip and uv inside the build (and
+in cells and MCP servers later) need the same index URLs and CA bundle. We read them from `pip config list`
+and the `PIP_*` environment, keep what is meaningful inside a container (http(s) URLs, the CA bundle's
+content) and drop host paths such as `file://` indexes or local find-links, which do not exist inside the
+build. The CA bundle joins the image's system store, which both files point at.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-CA_PATH_IN_IMAGE = "/etc/ipybox/pip/ca.pem"
-"""Where the Dockerfile copies the host's CA bundle (`pip/ca.pem` in the context)."""
+CA_BUNDLE_IN_IMAGE = "/etc/ssl/certs/ca-certificates.crt"
+"""The image's system CA store; the Dockerfile adds the host's certificates (`host/ca.pem`) to it."""
+
+KERNEL_CONSTRAINTS_IN_IMAGE = "/etc/ipybox/kernel-constraints.txt"
+"""Floors under the kernel's own packages, applied by pip to every install in the image."""
 
 # `global.index-url='https://…'`, `:env:.cert='/etc/…'`
 _CONFIG_LINE = re.compile(r"^(?P<section>[^.\s]*)\.(?P<key>[\w-]+)=(?P<quote>['\"]?)(?P<value>.*)(?P=quote)$")
@@ -129,7 +134,7 @@ def _existing_file(path: str | None) -> Path | None:
 
 
 def render_pip_conf(settings: PipSettings) -> str:
-    """The `pip.conf` for the image; its `cert` points at `CA_PATH_IN_IMAGE` when a CA bundle exists."""
+    """The image's `/etc/pip.conf`: the host's indexes, the system CA store and the kernel constraints."""
     lines = ["[global]"]
     if settings.index_url:
         lines.append(f"index-url = {settings.index_url}")
@@ -137,10 +142,44 @@ def render_pip_conf(settings: PipSettings) -> str:
         ("extra-index-url", settings.extra_index_urls),
         ("trusted-host", settings.trusted_hosts),
         ("find-links", settings.find_links),
-        ("constraint", settings.constraints),
+        ("constraint", (*settings.constraints, KERNEL_CONSTRAINTS_IN_IMAGE)),
     ):
         if values:
             lines.append(f"{key} = " + "\n    ".join(values))
-    if settings.cert is not None:
-        lines.append(f"cert = {CA_PATH_IN_IMAGE}")
+    lines.append(f"cert = {CA_BUNDLE_IN_IMAGE}")
     return "\n".join(lines) + "\n"
+
+
+def render_uv_toml(settings: PipSettings, constraints: Sequence[str]) -> str:
+    """The image's `/etc/uv/uv.toml`: pip's settings in uv's terms, plus the kernel constraints.
+
+    uv reads none of pip's files. Certificates come from the system store (`system-certs`), which holds the
+    host's CA bundle. The host's constraint files (URLs) are pip's only: uv takes requirement strings.
+    """
+    lines = [
+        "# ipybox: uv's settings in the image (build, cells, uvx servers). Written by `ipybox build`.",
+        "system-certs = true",
+        'link-mode = "copy"',
+        'python-downloads = "never"',
+        'python-preference = "only-system"',
+        f"constraint-dependencies = {_toml_list(constraints)}",
+    ]
+    if settings.index_url:
+        lines.append(f"index-url = {_toml_string(settings.index_url)}")
+    if settings.extra_index_urls:
+        lines.append(f"extra-index-url = {_toml_list(settings.extra_index_urls)}")
+        # pip's behaviour: a package may come from any index (uv's default stops at the first that has it).
+        lines.append('index-strategy = "unsafe-best-match"')
+    if settings.trusted_hosts:
+        lines.append(f"allow-insecure-host = {_toml_list(settings.trusted_hosts)}")
+    if settings.find_links:
+        lines.append(f"find-links = {_toml_list(settings.find_links)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a TOML basic string
+
+
+def _toml_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(_toml_string(value) for value in values) + "]"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 from ipybox._build.pip_settings import (
-    CA_PATH_IN_IMAGE,
+    CA_BUNDLE_IN_IMAGE,
+    KERNEL_CONSTRAINTS_IN_IMAGE,
     PipSettings,
     parse_pip_config_list,
     pip_settings_from,
     render_pip_conf,
+    render_uv_toml,
 )
 
 # What `pip config list` prints on the development machine.
@@ -72,6 +75,7 @@ def test_render_pip_conf() -> None:
         index_url="https://mirror.example/simple",
         extra_index_urls=("https://a.example/simple", "https://b.example/simple"),
         trusted_hosts=("mirror.example",),
+        constraints=("https://c.example/constraints.txt",),
         cert=Path("/host/ca.pem"),
     )
     assert render_pip_conf(settings) == (
@@ -79,6 +83,44 @@ def test_render_pip_conf() -> None:
         "index-url = https://mirror.example/simple\n"
         "extra-index-url = https://a.example/simple\n    https://b.example/simple\n"
         "trusted-host = mirror.example\n"
-        f"cert = {CA_PATH_IN_IMAGE}\n"
+        f"constraint = https://c.example/constraints.txt\n    {KERNEL_CONSTRAINTS_IN_IMAGE}\n"
+        f"cert = {CA_BUNDLE_IN_IMAGE}\n"
     )
-    assert render_pip_conf(PipSettings()) == "[global]\n"
+
+
+def test_render_pip_conf_always_has_the_system_store_and_the_kernel_constraints() -> None:
+    # The host's CA certificates are added to the system store; without any, the store is still the right one.
+    assert render_pip_conf(PipSettings()) == (
+        f"[global]\nconstraint = {KERNEL_CONSTRAINTS_IN_IMAGE}\ncert = {CA_BUNDLE_IN_IMAGE}\n"
+    )
+
+
+def test_render_uv_toml() -> None:
+    settings = PipSettings(
+        index_url="https://mirror.example/simple",
+        extra_index_urls=("https://a.example/simple",),
+        trusted_hosts=("mirror.example", "a.example"),
+        find_links=("https://f.example/links",),
+        constraints=("https://c.example/constraints.txt",),  # pip's only: uv takes requirement strings
+    )
+    text = render_uv_toml(settings, ["ipykernel>=6.29,<8", 'tornado>=6.2; python_version >= "3"'])
+    parsed = tomllib.loads(text)
+    assert parsed == {
+        "system-certs": True,
+        "link-mode": "copy",
+        "python-downloads": "never",
+        "python-preference": "only-system",
+        "constraint-dependencies": ["ipykernel>=6.29,<8", 'tornado>=6.2; python_version >= "3"'],
+        "index-url": "https://mirror.example/simple",
+        "extra-index-url": ["https://a.example/simple"],
+        "index-strategy": "unsafe-best-match",
+        "allow-insecure-host": ["mirror.example", "a.example"],
+        "find-links": ["https://f.example/links"],
+    }
+    assert "c.example" not in text
+
+
+def test_render_uv_toml_without_host_settings() -> None:
+    parsed = tomllib.loads(render_uv_toml(PipSettings(), []))
+    assert parsed["constraint-dependencies"] == []
+    assert not {"index-url", "extra-index-url", "index-strategy", "allow-insecure-host", "find-links"} & set(parsed)

@@ -148,7 +148,8 @@ def rules(
 
 
 def apply(version: int, document: str) -> None:
-    command = "iptables-restore" if version == 4 else "ip6tables-restore"
+    # By absolute path: PATH starts with the user environment's bin, which is not the firewall's to trust.
+    command = "/usr/sbin/iptables-restore" if version == 4 else "/usr/sbin/ip6tables-restore"
     done = subprocess.run([command], input=document, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr.strip()}\n{document}")

@@ -28,8 +28,9 @@ message, counts what it drops past its cap exactly, and sees the end. IOPub has 
 (`IpyboxKernelApp`): ZeroMQ drops a PUB socket's messages past it (1000 by default), and a cell that
 prints a lot sends thousands at once; dropping the idle status would hang its client.
 
-Kernels start with `python -m ipybox_server.kernel_launcher` (the kernelspec, set in the Dockerfile) or
-as the pre-warmed `kernel_stub`; both run `IpyboxKernelApp`.
+Kernels start with `/opt/ipybox/user-venv/bin/python -I -m ipybox_server.kernel_launcher` (the
+kernelspec, set in the Dockerfile) or as the pre-warmed `kernel_stub`; both run `IpyboxKernelApp` in the
+user environment, isolated while it imports its own modules, and then `add_user_paths`.
 
 Untouched: `multiprocessing` children (they never return into the kernel, and forks made in them are
 theirs: a Pool created in one cell serves the next), `subprocess` (the child execs at once) and a
@@ -302,3 +303,18 @@ class IpyboxKernelApp(IPKernelApp):  # type: ignore[misc]
             super().init_iopub(context)
         finally:
             context.sockopts.pop(zmq.SNDHWM, None)
+
+
+def add_user_paths() -> None:
+    """Put the working directory and PYTHONPATH's entries (/app) on sys.path, after the kernel's own imports.
+
+    Kernels start isolated (`python -I`): PYTHONPATH, the working directory and sitecustomize are ignored
+    while ipybox's kernel imports ipykernel, zmq, tornado, ..., so files in /app cannot shadow them. User
+    code, and the processes it starts, see PYTHONPATH as usual.
+    """
+    entries = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    # As a plain `python`: the working directory first (-I implies -P, so IPython leaves it out), then
+    # PYTHONPATH's entries, then the environment's.
+    for entry in ["", *entries][::-1]:
+        if entry not in sys.path:
+            sys.path.insert(0, entry)

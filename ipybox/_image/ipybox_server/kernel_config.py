@@ -1,7 +1,8 @@
-"""Settings of every ipybox kernel: installed as <venv>/etc/ipython/ipython_kernel_config.py.
+"""Settings of every ipybox kernel: installed as /etc/ipython/ipython_kernel_config.py.
 
-IPython reads this file (its system-wide kernel config) in every kernel process, whoever starts it:
-the pre-warmed kernel, the gateway's kernels, a kernel a user starts with jupyter_client.
+IPython reads this file (its system-wide kernel config, outside both environments and not writable by
+the sandbox user) in every kernel process, whoever starts it and from whichever environment: the
+pre-warmed kernel, the gateway's kernels, a kernel a user starts with jupyter_client.
 """
 
 c = get_config()  # type: ignore[name-defined]  # noqa: F821  (IPython's config loader provides it)

@@ -1,4 +1,4 @@
-"""The kernelspec's entry point: `python -m ipybox_server.kernel_launcher -f CONNECTION_FILE`.
+"""The kernelspec's entry point: `<user python> -I -m ipybox_server.kernel_launcher -f CONNECTION_FILE`.
 
 ipykernel_launcher with ipybox's application (`kernel_app.IpyboxKernelApp`).
 """
@@ -12,6 +12,9 @@ if __name__ == "__main__":
     if sys.path[0] == "" or Path(sys.path[0]) == Path.cwd():
         del sys.path[0]
 
-    from ipybox_server.kernel_app import IpyboxKernelApp
+    from ipybox_server.kernel_app import IpyboxKernelApp, add_user_paths
 
-    IpyboxKernelApp.launch_instance()
+    app = IpyboxKernelApp.instance()
+    app.initialize()
+    add_user_paths()  # after the kernel's own imports and set-up
+    app.start()

@@ -14,11 +14,13 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 from importlib.metadata import EntryPoint
 from typing import Any
 
 PROVISIONER_NAME = "ipybox-prewarmed"
+KERNEL_PYTHON = "/opt/ipybox/user-venv/bin/python"
+"""The user environment's interpreter: kernels run there (so `%pip install`, which uses sys.executable,
+installs there), isolated (-I) while they import their own modules. The server runs in ipybox's own."""
 CONNECTION_FILE = "/run/ipybox/spare-kernel.json"
 
 
@@ -83,7 +85,7 @@ def start_spare(cwd: str) -> None:
     with os.fdopen(fd, "w") as file:
         json.dump(info, file)
     process = subprocess.Popen(
-        [sys.executable, "-m", "ipybox_server.kernel_stub", CONNECTION_FILE],
+        [KERNEL_PYTHON, "-I", "-m", "ipybox_server.kernel_stub", CONNECTION_FILE],
         stdin=subprocess.PIPE,
         cwd=cwd,
         # As jupyter_client's launcher does: the kernel exits when the gateway does, and it gets
@@ -119,8 +121,12 @@ def register_provisioner() -> None:
 
 
 def _is_standard_kernel(argv: list[str]) -> bool:
-    """Whether a kernelspec's argv is ipybox's kernel launch (or ipykernel's), which the spare stands in for."""
-    return len(argv) >= 3 and argv[1:3] in (["-m", "ipybox_server.kernel_launcher"], ["-m", "ipykernel_launcher"])
+    """Whether a kernelspec's argv is ipybox's kernel launch (or ipykernel's), which the spare stands in for.
+
+    Whatever the interpreter and whether isolated (`-I`): the spare is the user environment's kernel.
+    """
+    rest = [arg for arg in argv[1:] if arg != "-I"]
+    return len(rest) >= 2 and rest[:2] in (["-m", "ipybox_server.kernel_launcher"], ["-m", "ipykernel_launcher"])
 
 
 def _make_provisioner_class() -> type:
