@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import aiodocker
 
-from .debootstrap import create_base_image
 from .._docker import image_exists, is_connection_error
+from .debootstrap import create_base_image
 from .events import Reporter
 
 DEFAULT_BASE_IMAGE = "debian:bookworm-slim"

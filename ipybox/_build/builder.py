@@ -70,8 +70,8 @@ async def build_image(
     """
     report = Reporter(on_progress)
     requirements = parse_dependencies(dependencies) if dependencies is not None else []
-    pip = await asyncio.to_thread(read_pip_settings)
-    npm_registry = await asyncio.to_thread(read_npm_registry)
+    # Each asks a host tool (`pip config list`, `npm config get registry`): about half a second apiece.
+    pip, npm_registry = await asyncio.gather(asyncio.to_thread(read_pip_settings), asyncio.to_thread(read_npm_registry))
     user = sandbox_user(root)
     files = context_files(requirements, pip, npm_registry=npm_registry)
     async with docker_client() as docker:

@@ -121,6 +121,46 @@ async def test_built_image(docker: aiodocker.Docker, built: Built) -> None:
     ]
 
 
+async def test_two_environments_and_tools(docker: aiodocker.Docker, built: Built) -> None:
+    uid, _ = expected_ids()
+    output = await run_in(
+        docker,
+        built.tag,
+        # ipybox's environment: 65534's, without pip or ipykernel; the user's: the sandbox user's, on PATH,
+        # with the -d dependencies; the tools on PATH.
+        "stat -c %u /opt/ipybox/venv /opt/ipybox/venv/bin/python /opt/ipybox/user-venv /opt/ipybox/lib; "
+        '/opt/ipybox/venv/bin/python -I -c \'import importlib.util as u; print(u.find_spec("pip"), '
+        'u.find_spec("ipykernel"), u.find_spec("kernel_gateway") is not None)\'; '
+        "command -v python; command -v pip; python -c 'import six, ipykernel, mcp.server.fastmcp; print(six.__file__)'; "
+        "for tool in uv uvx node npm npx; do command -v $tool; done; "
+        "npm config get registry >/dev/null && node -e 'console.log(process.version.split(\".\")[0])'; "
+        "cat /etc/ipybox/kernel-constraints.txt | grep -c '>='; "
+        "grep -c constraint /etc/pip.conf /etc/uv/uv.toml; ls /etc/ipython",
+    )
+    assert output.split() == [
+        "65534",
+        "65534",
+        str(uid),
+        "65534",
+        "None",
+        "None",
+        "True",
+        "/opt/ipybox/user-venv/bin/python",
+        "/opt/ipybox/user-venv/bin/pip",
+        "/opt/ipybox/user-venv/lib/python3.11/site-packages/six.py",
+        "/usr/local/bin/uv",
+        "/usr/local/bin/uvx",
+        "/usr/local/bin/node",
+        "/usr/local/bin/npm",
+        "/usr/local/bin/npx",
+        "v24",
+        "6",
+        "/etc/pip.conf:1",
+        "/etc/uv/uv.toml:1",
+        "ipython_kernel_config.py",
+    ]
+
+
 async def test_unchanged_rebuild_is_fully_cached(built: Built) -> None:
     events: list[BuildEvent] = []
     image_id = await build_image(
