@@ -416,8 +416,8 @@ def _defined_names(tree: ast.Module) -> set[str]:
     return names
 
 
-def check_model_runs(code: str) -> None:
-    """Execute already-checked model code in a throwaway module; `Params` must be a working model."""
+def check_model_runs(code: str, roots: tuple[str, ...] = ("Params",)) -> None:
+    """Execute already-checked model code in a throwaway module; each of `roots` must be a working model."""
     from pydantic import BaseModel
 
     name = "_ipybox_model_check"
@@ -425,16 +425,17 @@ def check_model_runs(code: str) -> None:
     sys.modules[name] = module
     try:
         exec(compile(code, f"<{name}>", "exec"), module.__dict__)  # noqa: S102 (allowlisted code)
-        params = module.__dict__.get("Params")
-        if not (isinstance(params, type) and issubclass(params, BaseModel)):
-            raise UnsafeModelCode("the model code does not define a Params model")
-        params.model_json_schema()
+        for root in roots:
+            model = module.__dict__.get(root)
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise UnsafeModelCode(f"the model code does not define a {root} model")
+            model.model_json_schema()
     finally:
         del sys.modules[name]
 
 
-def model_code(input_schema: dict[str, Any]) -> str:
-    """Pydantic v2 code defining `Params` (and the models it uses) for a tool's input schema.
+def model_code(input_schema: dict[str, Any], root: str = "Params") -> str:
+    """Pydantic v2 code defining `root` (and the models it uses) for a tool's input (or output) schema.
 
     Raises:
         Exception: datamodel-code-generator failed, or its output failed a check (see module doc).
@@ -468,10 +469,10 @@ def model_code(input_schema: dict[str, Any]) -> str:
     defined = _defined_names(tree)
     if _ROOT_CLASS not in defined:
         raise UnsafeModelCode("the root model is missing")
-    renamed = "Params_"
+    renamed = f"{root}_"
     while renamed in defined:
         renamed += "_"
-    tree = ast.fix_missing_locations(_Renamer({"Params": renamed, _ROOT_CLASS: "Params"}).visit(tree))
+    tree = ast.fix_missing_locations(_Renamer({root: renamed, _ROOT_CLASS: root}).visit(tree))
     result = ""
     for index, statement in enumerate(tree.body):
         separator = "\n\n\n" if index and isinstance(statement, ast.ClassDef) else "\n"
@@ -479,26 +480,141 @@ def model_code(input_schema: dict[str, Any]) -> str:
     result += "\n"
     # The code that runs and is written out, after renaming (a rename could make a field shadow a name).
     check_model_code(ast.parse(result))
-    check_model_runs(result)
+    check_model_runs(result, (root,))
     return result
+
+
+def is_wrapped(output_schema: dict[str, Any]) -> bool:
+    """Whether an output schema is the SDK's wrapping of a non-object return value (`-> str`, `-> int`).
+
+    Both SDK generations (FastMCP in mcp 1.x, MCPServer in 2.x) declare `{"result": <value>}` as the
+    structured content of such a tool, an object with the single required property `result`.
+    """
+    properties = output_schema.get("properties")
+    return (
+        output_schema.get("type", "object") == "object"
+        and isinstance(properties, dict)
+        and list(properties) == ["result"]
+        and output_schema.get("required") == ["result"]
+        and not output_schema.get("additionalProperties")
+    )
+
+
+def merge_result_code(params_code: str, result_code: str) -> tuple[str, str]:
+    """`params_code` with the classes of `result_code` (root class `Result`) appended; and the root's name.
+
+    The result's classes are renamed where they collide with names of `params_code` (`Address` ->
+    `Address_`; `Result` too, if the input model has one); imports the two share are kept once.
+
+    Raises:
+        UnsafeModelCode: an import of the result code binds a name of the params code to something else,
+            or the merged code fails the checks.
+    """
+    params_tree = ast.parse(params_code)
+    result_tree = ast.parse(result_code)
+    taken = _defined_names(params_tree) | _MODULE_NAMES
+    origins = {
+        alias.asname or alias.name: (node.module, alias.name)
+        for node in params_tree.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    result_classes = [node.name for node in result_tree.body if isinstance(node, ast.ClassDef)]
+    mapping: dict[str, str] = {}
+    used = taken | set(result_classes)
+    for name in ["Result", *(name for name in result_classes if name != "Result")]:
+        if name in taken:
+            candidate = f"{name}_"
+            while candidate in used:
+                candidate += "_"
+            mapping[name] = candidate
+            used.add(candidate)
+    body: list[ast.stmt] = []
+    for node in result_tree.body:
+        if isinstance(node, ast.ImportFrom):
+            if node.module == "__future__":
+                continue
+            kept = []
+            for alias in node.names:
+                bound = alias.asname or alias.name
+                if bound in origins and origins[bound] == (node.module, alias.name):
+                    continue
+                if bound in taken or bound in mapping.values():
+                    raise UnsafeModelCode(f"the output model's import of {bound!r} collides with the input model")
+                kept.append(alias)
+            if kept:
+                body.append(ast.ImportFrom(module=node.module, names=kept, level=0))
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a module docstring
+        body.append(node)
+    renamed = ast.fix_missing_locations(_Renamer(mapping).visit(ast.Module(body=body, type_ignores=[])))
+    root = mapping.get("Result", "Result")
+    merged = params_code.rstrip("\n")
+    for index, statement in enumerate(renamed.body):
+        separator = "\n\n\n" if not index or isinstance(statement, ast.ClassDef) else "\n"
+        merged += separator + ast.unparse(statement)
+    merged += "\n"
+    check_model_code(ast.parse(merged))
+    check_model_runs(merged, ("Params", root))
+    return merged, root
+
+
+def _root_unwrap(code: str, root: str, wrapped: bool) -> tuple[str, str] | None:
+    """(attribute, annotation) of the value inside model `root`: its `result` field or a RootModel's `root`."""
+    for node in ast.parse(code).body:
+        if isinstance(node, ast.ClassDef) and node.name == root:
+            if wrapped:
+                for statement in node.body:
+                    if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+                        if statement.target.id == "result":
+                            return "result", ast.unparse(statement.annotation)
+            for base in node.bases:
+                if (
+                    isinstance(base, ast.Subscript)
+                    and isinstance(base.value, ast.Name)
+                    and base.value.id == "RootModel"
+                ):
+                    return "root", ast.unparse(base.slice)
+    return None
 
 
 # -- modules --------------------------------------------------------------------------------------
 
 
 def render_tool_module(
-    server_name: str, tool_name: str, func_name: str, description: str | None, params_code: str, schema_note: str = ""
+    server_name: str,
+    tool_name: str,
+    func_name: str,
+    description: str | None,
+    params_code: str,
+    schema_note: str = "",
+    output: str | None = None,
+    unwrap: str | None = None,
+    returns: str = "str",
 ) -> str:
-    """Source of one tool module: the `Params` model and `<func_name>(params: Params) -> str`.
+    """Source of one tool module: the models and `<func_name>(params: Params) -> <returns>`.
 
-    `params_code` must define `Params` and start with `from __future__ import annotations` (if at all).
-    Only `server_name` (an identifier) and `func_name` (sanitized) appear outside literals.
+    `params_code` must define `Params` (and the class `output`, if that is not None or `"dict"`) and start
+    with `from __future__ import annotations` (if at all). `output` is passed on to `call_tool`; `unwrap`
+    names the field (or dict key, for `"dict"`) the function returns instead of the whole value;
+    `returns` is its annotation, taken from checked model code. Only `server_name` (an identifier),
+    `func_name` (sanitized) and these names from checked code appear outside literals.
     """
     if not server_name.isidentifier() or not func_name.isidentifier() or keyword.iskeyword(func_name):
         raise ValueError("server_name and func_name must be identifiers")
+    if output is not None and not output.isidentifier():
+        raise ValueError("output must be an identifier")
+    if unwrap is not None and not unwrap.isidentifier():
+        raise ValueError("unwrap must be an identifier")
     defined = _defined_names(ast.parse(params_code)) | _MODULE_NAMES
     while func_name in defined or func_name in vars(builtins):
         func_name += "_"
+    call = "_call_tool(_SERVER_PARAMS, _TOOL_NAME, params)"
+    if output is not None:
+        call = f"_call_tool(_SERVER_PARAMS, _TOOL_NAME, params, {output})"
+        if unwrap is not None:
+            call += f"[{unwrap!r}]" if output == "dict" else f".{unwrap}"
     lines = []
     if description:
         lines.append(docstring_literal(description))
@@ -517,9 +633,9 @@ def render_tool_module(
         f"_TOOL_NAME = {literal(tool_name)}",
         "",
         "",
-        f"def {func_name}(params: Params) -> str:",
+        f"def {func_name}(params: Params) -> {returns}:",
         f"    {docstring_literal(function_doc, indent='    ')}",
-        "    return _call_tool(_SERVER_PARAMS, _TOOL_NAME, params)",
+        f"    return {call}",
         "",
     ]
     source = "\n".join(lines)
@@ -527,8 +643,29 @@ def render_tool_module(
     return source
 
 
-def tool_module(server_name: str, tool_name: str, func_name: str, description: str | None, schema: Any) -> str:
-    """The source of one tool module; a permissive model when the schema cannot be turned into code."""
+def _fallback_note(name: str, schema: Any, reason: str) -> str:
+    try:
+        note = f"\n_{name}_SCHEMA = {literal(schema)}\n"
+    except ValueError:
+        note = f"\n_{name}_SCHEMA = None\n"
+    prefix = "" if name == "INPUT" else f"{name}_"
+    return note + f"_{prefix}MODEL_ERROR = {literal(reason)}\n"
+
+
+def tool_module(
+    server_name: str,
+    tool_name: str,
+    func_name: str,
+    description: str | None,
+    schema: Any,
+    output_schema: Any = None,
+) -> str:
+    """The source of one tool module; a permissive model when the schema cannot be turned into code.
+
+    With an output schema (an object), the function returns the structured content: validated into a
+    `Result` model, or unwrapped to the value of a wrapped `-> str`/`-> int` tool (`is_wrapped`) or of a
+    RootModel; as plain JSON data when the schema gives no model. Without one, it returns the text.
+    """
     note = ""
     try:
         if not isinstance(schema, dict):
@@ -536,20 +673,39 @@ def tool_module(server_name: str, tool_name: str, func_name: str, description: s
         code = model_code(schema)
     except Exception as exc:  # any failure of the generator or of our checks: fall back, never fail the server
         code = FALLBACK_MODEL
+        note = _fallback_note(
+            "INPUT", schema, f"the input schema of tool {tool_name!r} gave no model: {type(exc).__name__}: {exc}"
+        )
+    output: str | None = None
+    unwrap: str | None = None
+    returns = "str"
+    if isinstance(output_schema, dict):
+        wrapped = is_wrapped(output_schema)
         try:
-            note = f"\n_INPUT_SCHEMA = {literal(schema)}\n"
-        except ValueError:
-            note = "\n_INPUT_SCHEMA = None\n"
-        reason = f"the input schema of tool {tool_name!r} gave no model: {type(exc).__name__}: {exc}"
-        note += f"_MODEL_ERROR = {literal(reason)}\n"
-    return render_tool_module(server_name, tool_name, func_name, description, code, note)
+            code, root = merge_result_code(code, model_code(output_schema, "Result"))
+            output, returns = root, root
+            inner = _root_unwrap(code, root, wrapped)
+            if inner is not None:
+                unwrap, returns = inner
+        except Exception as exc:  # the structured content is then returned as JSON data
+            output, unwrap, returns = "dict", ("result" if wrapped else None), ("object" if wrapped else "dict")
+            note += _fallback_note(
+                "OUTPUT",
+                output_schema,
+                f"the output schema of tool {tool_name!r} gave no model: {type(exc).__name__}: {exc}",
+            )
+    return render_tool_module(server_name, tool_name, func_name, description, code, note, output, unwrap, returns)
 
 
 def render_init(server_name: str, server_params: dict[str, Any], modules: dict[str, str]) -> str:
+    # The errors a tool function raises, for `from <package> import ToolError` (unless a module takes the name).
+    names = [name for name in ("ToolCallError", "ToolError") if name not in modules.values()]
+    exports = [f"from ipybox_server.mcp_runtime import {', '.join(names)}", ""] if names else []
     return "\n".join(
         [
             f'"""Generated by ipybox: client modules for the tools of MCP server {server_name}."""',
             "",
+            *exports,
             f"SERVER_PARAMS = {literal(server_params)}",
             "",
             "# tool name -> module name",
@@ -560,7 +716,7 @@ def render_init(server_name: str, server_params: dict[str, Any], modules: dict[s
 
 
 def render_package(server_name: str, server_params: dict[str, Any], tools: list[dict[str, Any]]) -> dict[str, str]:
-    """File name -> source for the package; `tools` are dicts with name, description, input_schema."""
+    """File name -> source for the package; `tools` are dicts with name, description, input_schema, output_schema."""
     by_name: dict[str, dict[str, Any]] = {}
     for tool in tools:
         by_name.setdefault(tool["name"], tool)
@@ -569,7 +725,7 @@ def render_package(server_name: str, server_params: dict[str, Any], tools: list[
     for tool_name, module in names.items():
         tool = by_name[tool_name]
         files[f"{module}.py"] = tool_module(
-            server_name, tool_name, module, tool.get("description"), tool.get("input_schema")
+            server_name, tool_name, module, tool.get("description"), tool.get("input_schema"), tool.get("output_schema")
         )
     return files
 
@@ -632,7 +788,7 @@ def write_package(target: Path, files: dict[str, str]) -> None:
 
 
 def _failure_message(exc: BaseException, errlog: Any) -> str:
-    from ipybox_server.mcp_runtime import leaf_exception, stderr_tail
+    from ipybox_server.mcp_call import leaf_exception, stderr_tail
 
     leaf = leaf_exception(exc)
     message = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
@@ -641,14 +797,14 @@ def _failure_message(exc: BaseException, errlog: Any) -> str:
 
 
 async def list_tools(server_params: dict[str, Any], timeout: float = LIST_TIMEOUT) -> list[dict[str, Any]]:
-    """The server's tools as dicts (name, description, input_schema).
+    """The server's tools as dicts (name, description, input_schema, output_schema).
 
     Raises:
         GenerationError: the server could not be reached, failed, or did not answer in time.
     """
     import anyio
 
-    from ipybox_server.mcp_runtime import connect
+    from ipybox_server.mcp_call import connect
 
     tools: list[dict[str, Any]] = []
     with tempfile.TemporaryFile() as errlog:
@@ -659,7 +815,12 @@ async def list_tools(server_params: dict[str, Any], timeout: float = LIST_TIMEOU
                     for _ in range(MAX_PAGES):
                         page = await client.list_tools(cursor=cursor)
                         tools += [
-                            {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+                            {
+                                "name": t.name,
+                                "description": t.description,
+                                "input_schema": t.input_schema,
+                                "output_schema": t.output_schema,
+                            }
                             for t in page.tools
                         ]
                         cursor = page.next_cursor

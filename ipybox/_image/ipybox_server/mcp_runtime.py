@@ -1,179 +1,137 @@
-"""Runtime of generated MCP tool modules: opens a connection to the MCP server and calls one tool.
+"""Runtime of generated MCP tool modules, in the kernel: stdlib only, whatever the user environment holds.
 
-Generated modules call `call_tool(SERVER_PARAMS, TOOL_NAME, params)` from kernel code. A kernel
-already runs an asyncio loop in its main thread (`asyncio.run` there fails), so the call runs on a
-private thread with its own loop while the caller waits; Ctrl-C (a kernel interrupt) cancels it
-and the connection is closed before the interrupt is re-raised. Every call opens its own
-connection (for stdio servers: starts the server process) and closes it afterwards.
+Generated modules call `call_tool(SERVER_PARAMS, TOOL_NAME, params[, output])` from kernel code. The
+kernel runs in the user environment, where the user may have installed any `mcp` (or none) and any
+pydantic, so the MCP call itself happens in a helper process of ipybox's own interpreter,
+`python -I -m ipybox_server.mcp_call` (mcp 2.x), one per calling thread, kept for the thread's (or
+the kernel's) life: the SDK's import is paid once. Requests and answers are JSON lines over pipes
+(see `mcp_call`). Interrupting the kernel during a call kills the helper's process group (the helper
+and a stdio server it started) and re-raises the interrupt; the next call starts a new helper.
 
-The `mcp` SDK is imported on first use only: the resource server imports this module's neighbours
-at start-up and must not pay for it.
+What a call returns (`tool_value`):
+
+- an error result (`isError`) raises `ToolError` with the result's text, as does an MCP error;
+- `output=None` (the tool declares no output schema): the result's text content, blocks joined by
+  newlines (`echo: hi`);
+- `output=dict`: the structured content as JSON data; `output=<pydantic model>`: the structured content
+  validated into that model (pydantic 2's `model_validate`, or pydantic 1's `parse_obj`). A result
+  without structured content gives its text.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import tempfile
+import os
+import signal
+import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import IO, Any, TypeVar
+from typing import Any
 
-from ipybox_server import mcp_params
-
-T = TypeVar("T")
-
-# How long an interrupted call may take to close its connection before the interrupt is re-raised.
-CANCEL_GRACE = 10.0
+MACHINERY_PYTHON = "/opt/ipybox/venv/bin/python"
+"""ipybox's own interpreter (mcp 2.x): the helper runs there, isolated (`-I`) from the user's packages."""
 
 
 class ToolError(Exception):
-    """The MCP server reported an error for a tool call; the message is the server's."""
+    """An MCP tool reported an error (an `isError` result or an MCP error); the message is the server's.
 
-
-def leaf_exception(exc: BaseException) -> BaseException:
-    """The single exception inside (nested) exception groups, as raised by anyio task groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def stderr_tail(errlog: IO[bytes], limit: int = 2000) -> str:
-    """The last `limit` characters a stdio server wrote to stderr."""
-    try:
-        errlog.seek(0)
-        return errlog.read().decode("utf-8", "replace")[-limit:].strip()
-    except (OSError, ValueError):
-        return ""
-
-
-@asynccontextmanager
-async def connect(
-    server_params: dict[str, Any], errlog: IO[bytes] | None = None, read_timeout: float | None = None
-) -> AsyncIterator[Any]:
-    """An initialized `mcp.Client` for `server_params` (validated here, see `mcp_params`).
-
-    `errlog` receives a stdio server's stderr (a kernel's sys.stderr has no file descriptor).
+    Generated packages re-export it: `from <package> import ToolError`.
     """
-    from mcp import Client
-    from mcp.client.sse import sse_client
-    from mcp.client.stdio import StdioServerParameters, stdio_client
-    from mcp.client.streamable_http import streamable_http_client
-    from mcp.shared._httpx_utils import create_mcp_http_client
-
-    params = mcp_params.normalize(server_params)
-    async with AsyncExitStack() as stack:
-        if errlog is None:
-            errlog = stack.enter_context(tempfile.TemporaryFile())
-        transport: Any
-        if params["type"] == mcp_params.STDIO:
-            stdio = StdioServerParameters(
-                command=params["command"], args=params["args"], env=params.get("env"), cwd=params.get("cwd")
-            )
-            transport = stdio_client(stdio, errlog=errlog)  # type: ignore[arg-type]
-        elif params["type"] == mcp_params.SSE:
-            transport = sse_client(params["url"], headers=params.get("headers"))
-        else:
-            http_client = await stack.enter_async_context(create_mcp_http_client(headers=params.get("headers")))
-            transport = streamable_http_client(params["url"], http_client=http_client)
-        client = await stack.enter_async_context(Client(transport, read_timeout_seconds=read_timeout))
-        yield client
 
 
-def content_text(result: Any) -> str:
-    """The text of a tool result's content blocks, one block per line."""
-    parts = []
-    for block in result.content:
-        if block.type == "text":
-            parts.append(block.text)
-        elif block.type == "resource" and getattr(block.resource, "text", None) is not None:
-            parts.append(block.resource.text)
-        else:
-            parts.append(f"[{block.type} content not shown]")
-    return "\n".join(parts)
+class ToolCallError(RuntimeError):
+    """An MCP tool call got no result: the server could not be started or reached, or the helper failed."""
 
 
-def result_text(result: Any) -> str:
-    """A tool result as text: structured content as JSON, else the content's text.
+def arguments_of(params: Any) -> dict[str, Any]:
+    """The JSON arguments of a `Params` model: only fields that were set, by alias (pydantic 2 or 1)."""
+    if isinstance(params, dict):
+        return params
+    dump = getattr(params, "model_dump", None)
+    if dump is not None:
+        result: dict[str, Any] = dump(mode="json", by_alias=True, exclude_unset=True)
+        return result
+    # pydantic 1 (after a user's `pip install 'pydantic<2'`): .json() encodes dates, enums, ... as JSON.
+    loaded: dict[str, Any] = json.loads(params.json(by_alias=True, exclude_unset=True))
+    return loaded
+
+
+def tool_value(answer: dict[str, Any], output: Any = None) -> Any:
+    """What a generated function returns for the helper's `answer` (see the module docstring).
 
     Raises:
-        ToolError: the result is an error result.
+        ToolError: an error result or an MCP error.
+        ToolCallError: the call got no result.
     """
-    if result.is_error:
-        raise ToolError(content_text(result) or "the MCP tool reported an error without a message")
-    if result.structured_content is not None:
-        return json.dumps(result.structured_content, ensure_ascii=False)
-    return content_text(result)
+    if "error" in answer:
+        if answer.get("kind") == "tool":
+            raise ToolError(answer["error"])
+        raise ToolCallError(f"the MCP tool call failed: {answer['error']}")
+    result = answer["result"]
+    text = str(result.get("text") or "")
+    if result.get("is_error"):
+        raise ToolError(text or "the MCP tool reported an error without a message")
+    structured = result.get("structured")
+    if output is None or structured is None:
+        return text
+    if output is dict:
+        return structured
+    validate = getattr(output, "model_validate", None) or output.parse_obj
+    return validate(structured)
 
 
-async def call_tool_async(server_params: dict[str, Any], tool_name: str, arguments: dict[str, Any]) -> str:
-    from mcp.shared.exceptions import MCPError
-
-    with tempfile.TemporaryFile() as errlog:
-        try:
-            async with connect(server_params, errlog) as client:
-                result = await client.call_tool(tool_name, arguments)
-        except ToolError:
-            raise
-        except BaseException as exc:
-            leaf = leaf_exception(exc)
-            if isinstance(leaf, MCPError):
-                raise ToolError(leaf.error.message) from leaf
-            if leaf is not exc and isinstance(leaf, Exception):
-                raise leaf from exc
-            raise
-    return result_text(result)
+_helpers = threading.local()
 
 
-def run_sync(make_coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion on a private thread with its own event loop.
+def _helper() -> subprocess.Popen[bytes]:
+    process: subprocess.Popen[bytes] | None = getattr(_helpers, "process", None)
+    if process is None or process.poll() is not None:
+        process = subprocess.Popen(
+            [MACHINERY_PYTHON, "-I", "-m", "ipybox_server.mcp_call"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: an interrupt kills it and the server it started
+        )
+        _helpers.process = process
+    return process
 
-    Works where a loop already runs in the calling thread (a Jupyter kernel). An exception in the
-    waiting thread (KeyboardInterrupt from a kernel interrupt) cancels the coroutine, gives it
-    CANCEL_GRACE seconds to clean up, and propagates.
-    """
-    done = threading.Event()
-    started = threading.Event()
-    box: dict[str, Any] = {}
 
-    async def main() -> T:
-        box["loop"] = asyncio.get_running_loop()
-        box["task"] = asyncio.current_task()
-        started.set()
-        return await make_coroutine()
-
-    def target() -> None:
-        try:
-            box["result"] = asyncio.run(main())
-        except BaseException as exc:  # handed to the waiting thread
-            box["error"] = exc
-        finally:
-            started.set()
-            done.set()
-
-    thread = threading.Thread(target=target, name="ipybox-mcp-call", daemon=True)
-    thread.start()
+def _kill(process: subprocess.Popen[bytes]) -> None:
     try:
-        done.wait()
-    except BaseException:
-        started.wait(CANCEL_GRACE)
-        if "task" in box and not done.is_set():
-            box["loop"].call_soon_threadsafe(box["task"].cancel)
-            done.wait(CANCEL_GRACE)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def request(server_params: dict[str, Any], tool_name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """One call through this thread's helper; the helper's answer (see `mcp_call`)."""
+    line = json.dumps({"server_params": server_params, "tool_name": tool_name, "arguments": arguments})
+    process = _helper()
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        process.stdin.write(line.encode() + b"\n")
+        process.stdin.flush()
+        reply = process.stdout.readline()
+    except BaseException:  # an interrupt (KeyboardInterrupt) or a broken pipe: the helper's state is unknown
+        _kill(process)
         raise
-    if "error" in box:
-        error: BaseException = box.pop("error")
-        raise error
-    result: T = box["result"]
-    return result
+    if not reply:
+        code = process.wait()
+        raise ToolCallError(f"the MCP call helper ({MACHINERY_PYTHON} -m ipybox_server.mcp_call) exited with {code}")
+    answer: dict[str, Any] = json.loads(reply)
+    return answer
 
 
-def call_tool(server_params: dict[str, Any], tool_name: str, params: Any) -> str:
-    """Call MCP tool `tool_name` with a pydantic `params` model; returns the result as text.
+def call_tool(server_params: dict[str, Any], tool_name: str, params: Any, output: Any = None) -> Any:
+    """Call MCP tool `tool_name` with a `Params` model (or a dict of JSON arguments).
+
+    Args:
+        output: None for the result's text; `dict` for its structured content as JSON data; a pydantic
+            model class to validate the structured content into.
 
     Raises:
-        ToolError: the server answered with an error (message from the server).
+        ToolError: the tool reported an error (message from the server).
+        ToolCallError: the server could not be started or reached, or failed.
     """
-    arguments = params.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    return run_sync(lambda: call_tool_async(server_params, tool_name, arguments))
+    return tool_value(request(server_params, tool_name, arguments_of(params)), output)
