@@ -131,7 +131,8 @@ async def test_two_environments_and_tools(docker: aiodocker.Docker, built: Built
         "stat -c %u /opt/ipybox/venv /opt/ipybox/venv/bin/python /opt/ipybox/user-venv /opt/ipybox/lib; "
         '/opt/ipybox/venv/bin/python -I -c \'import importlib.util as u; print(u.find_spec("pip"), '
         'u.find_spec("ipykernel"), u.find_spec("kernel_gateway") is not None)\'; '
-        "command -v python; command -v pip; python -c 'import six, ipykernel, mcp.server.fastmcp; print(six.__file__)'; "
+        "command -v python; command -v pip; "
+        "python -c 'import six, ipykernel, mcp.server.fastmcp; print(six.__file__)'; "
         "for tool in uv uvx node npm npx; do command -v $tool; done; "
         "npm config get registry >/dev/null && node -e 'console.log(process.version.split(\".\")[0])'; "
         "cat /etc/ipybox/kernel-constraints.txt | grep -c '>='; "
