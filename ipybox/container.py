@@ -499,11 +499,13 @@ class ExecutionContainer:
     def _tmpfs(self, sandbox_ids: tuple[int, int], home: str | None = None) -> dict[str, str]:
         uid, gid = sandbox_ids
         shared = f"rw,nosuid,nodev,mode=1777,size={self._tmp_size}"
-        # Every directory the sandbox user can write is a capped tmpfs (its pages count as the container's
-        # memory), so no cell can fill the host's disk through the writable layer: /tmp, /var/tmp and
-        # /run/lock (world-writable in Debian), the user's home ($HOME: `pip install --user`, caches;
-        # executable for ~/.local/bin) and /app. The one exception is /run/ipybox, where the secret is
-        # handed over before the start (security.md).
+        # Every directory the sandbox user can write outside the image's own directories is a capped
+        # tmpfs (its pages count as the container's memory): /tmp, /var/tmp and /run/lock (world-writable
+        # in Debian), the user's home ($HOME: uv/npm/pip caches, `uvx`/`npx` downloads; executable for
+        # ~/.local/bin) and /app. Two exceptions: /run/ipybox, where the secret is handed over before the
+        # start (security.md), and the user environment /opt/ipybox/user-venv, which the sandbox user
+        # owns so that `pip install` works in a cell: it lives in the container's writable layer, on the
+        # host's disk, not capped by these sizes (gone with the container).
         tmpfs = {"/tmp": shared, "/var/tmp": shared, "/run/lock": shared}
         if home and PurePosixPath(home) not in (PurePosixPath("/"), APP_DIR) and PurePosixPath(home).is_absolute():
             tmpfs[home] = f"rw,exec,nosuid,nodev,mode=0755,uid={uid},gid={gid},size={self._tmp_size}"
