@@ -77,6 +77,16 @@ def test_params_are_validated() -> None:
 
 
 @pytest.mark.parametrize(
+    "url", ["http://[YOUR-HOST-IP-ADDRESS]:8000/mcp", "http://host:99999/mcp", "http://host:port/mcp", "http:///mcp"]
+)
+def test_a_url_that_is_no_url_is_a_params_error_naming_it(url: str) -> None:
+    # The seed's example 10b ships the first as a placeholder: it was an HTTP 500 (a bare ValueError).
+    with pytest.raises(mcp_params.ParamsError, match="server_params 'url'") as info:
+        mcp_params.normalize({"url": url})
+    assert url in str(info.value)
+
+
+@pytest.mark.parametrize(
     "source",
     [
         "import os\n",

@@ -75,7 +75,17 @@ def _normalize_http(params: dict[str, Any], kind: str | None) -> dict[str, Any]:
     if unknown:
         raise ParamsError(f"unknown server_params key(s) for an HTTP server: {', '.join(unknown)}")
     url = params["url"]
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+    if not isinstance(url, str):
+        raise ParamsError(f"server_params 'url' must be an http(s) URL, not {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number in range)
+    except ValueError as exc:
+        # e.g. the seed's placeholder 'http://[YOUR-HOST-IP-ADDRESS]:8000/mcp': brackets hold an IPv6 address
+        raise ParamsError(
+            f"server_params 'url' {url!r} is not a valid URL ({exc}); put the server's host name or address in it"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ParamsError(f"server_params 'url' must be an http(s) URL, not {url!r}")
     if kind is None:
         if "/mcp" in url:
