@@ -305,6 +305,22 @@ class IpyboxKernelApp(IPKernelApp):  # type: ignore[misc]
             context.sockopts.pop(zmq.SNDHWM, None)
 
 
+def prefer_as_oom_victim() -> None:
+    """Raise this kernel's own oom_score_adj to 1000 (no privilege needed to raise it): if the container
+    runs out of memory, a kernel is killed, not the server the host talks to.
+
+    The server also raises it once Popen returns (prewarm.prefer_as_oom_victim), but that can come too
+    early: the exec'd kernel may still be non-dumpable for a moment, its /proc files root's, and the
+    write is refused (seen once in CI: a pre-warmed kernel at 0). Here, at the kernel's own start, the
+    exec is complete and the file is this process's.
+    """
+    try:
+        with open("/proc/self/oom_score_adj", "w") as file:
+            file.write("1000")
+    except OSError:
+        pass  # not Linux, or no /proc: nothing to prefer
+
+
 def add_user_paths() -> None:
     """Put the working directory and PYTHONPATH's entries (/app) on sys.path, after the kernel's own imports.
 

@@ -12,8 +12,9 @@ if __name__ == "__main__":
     if sys.path[0] == "" or Path(sys.path[0]) == Path.cwd():
         del sys.path[0]
 
-    from ipybox_server.kernel_app import IpyboxKernelApp, add_user_paths
+    from ipybox_server.kernel_app import IpyboxKernelApp, add_user_paths, prefer_as_oom_victim
 
+    prefer_as_oom_victim()
     app = IpyboxKernelApp.instance()
     app.initialize()
     add_user_paths()  # after the kernel's own imports and set-up

@@ -57,6 +57,8 @@ def prefer_as_oom_victim(pid: int) -> None:
     /proc/<pid>/mem until it exec'd. After exec the kernel is dumpable again on its own (an exec
     that keeps the credentials resets the flag), holds nothing of the server's, and its /proc files
     are the user's. The pid cannot be reused meanwhile: the kernel is this process's unreaped child.
+    Popen may return a moment before the flag is reset (the write is then refused): the kernel also
+    raises its own score first thing (kernel_app.prefer_as_oom_victim), which is what holds.
     """
     try:
         with open(f"/proc/{pid}/oom_score_adj", "w") as file:
