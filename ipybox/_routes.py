@@ -61,7 +61,6 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -132,18 +131,19 @@ def record(
 
 
 def forget(host: str, host_ports: list[int]) -> None:
-    keys = {_tokens.key(host, port) for port in host_ports}
-    tables: tuple[dict[Any, Any], ...] = (_routes, _sockets, _servers)
-    for table in tables:
-        for key in [k for k in table if k[0] in keys]:
-            del table[key]
+    _drop(host, host_ports, (_routes, _sockets, _servers))
 
 
 def forget_addresses(host: str, host_ports: list[int]) -> None:
     """Forget the container-address routes only (the sandbox left its networks; its sockets still serve)."""
+    _drop(host, host_ports, (_routes,))
+
+
+def _drop(host: str, host_ports: list[int], tables: tuple[dict[Any, Any], ...]) -> None:
     keys = {_tokens.key(host, port) for port in host_ports}
-    for key in [k for k in _routes if k[0] in keys]:
-        del _routes[key]
+    for table in tables:
+        for key in [k for k in table if k[0] in keys]:
+            del table[key]
 
 
 def unix_socket(host: str, port: int, container_port: int) -> str | None:
@@ -152,10 +152,10 @@ def unix_socket(host: str, port: int, container_port: int) -> str | None:
     if entry is None:
         return None
     path, pid, container_id = entry
+    # The pid is the container's init; once the container is gone it may be reused by anything.
+    if not _tokens.container_runs(container_id, pid):
+        return None
     try:
-        # The pid is the container's init; once the container is gone it may be reused by anything.
-        if container_id not in Path(f"/proc/{pid}/cgroup").read_text():
-            return None
         host_path = f"/proc/{pid}/root{path}"
         # lstat: a symlink there is the connector's to refuse (and to report), never followed here.
         os.lstat(host_path)
