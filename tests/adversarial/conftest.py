@@ -5,5 +5,6 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures are found by n
     client,
     image,
     make_container,
+    plain_server,
     shared_container,
 )

@@ -8,7 +8,6 @@ of the two happened. Nothing leaves the machine: the peer is a container of this
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiodocker
@@ -17,15 +16,6 @@ from aiodocker.containers import DockerContainers
 
 from ipybox import ExecutionClient, ExecutionContainer, FirewallError, IpyboxError, _firewall
 from tests.integration.conftest import ContainerFactory, session_labels
-
-PEER = """
-import socket
-server = socket.create_server(("0.0.0.0", 8080))
-while True:
-    conn, _ = server.accept()
-    conn.sendall(b"hello\\n")
-    conn.close()
-"""
 
 PROBE = """
 import socket
@@ -65,25 +55,6 @@ def break_helper(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
     monkeypatch.setattr(_firewall, "HELPER_TIMEOUT", 3.0)
 
 
-@pytest.fixture
-async def peer(image: str) -> AsyncIterator[str]:
-    docker = aiodocker.Docker()
-    container = await docker.containers.create(
-        {
-            "Image": image,
-            "User": "0:0",
-            "Entrypoint": ["/opt/ipybox/venv/bin/python", "-c", PEER],
-            "Labels": session_labels(),
-        }
-    )
-    try:
-        await container.start()
-        yield str((await container.show())["NetworkSettings"]["IPAddress"])
-    finally:
-        await container.delete(force=True)
-        await docker.close()
-
-
 async def _networks(container_id: str) -> dict[str, Any] | None:
     """The container's networks, or None when it no longer exists."""
     docker = aiodocker.Docker()
@@ -100,14 +71,14 @@ async def _networks(container_id: str) -> dict[str, Any] | None:
 
 @pytest.mark.parametrize("failure", list(FAILURES))
 async def test_a_failed_helper_leaves_no_network(
-    make_container: ContainerFactory, peer: str, monkeypatch: pytest.MonkeyPatch, failure: str
+    make_container: ContainerFactory, plain_server: str, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     container: ExecutionContainer = await make_container()
     assert container.container_id is not None
     async with ExecutionClient(port=container.executor_port) as client:
         await client.execute(PROBE)
         for _ in range(50):  # the peer may still be starting
-            if (await client.execute(f"print(probe({peer!r}, 8080))")).text == "hello":
+            if (await client.execute(f"print(probe({plain_server!r}, 8080))")).text == "hello-plain":
                 break
         else:
             pytest.fail("the peer never answered before the firewall")
@@ -127,7 +98,7 @@ async def test_a_failed_helper_leaves_no_network(
     # been on the container's address, which is gone), and the kernel reaches nothing.
     async with ExecutionClient(port=container.executor_port) as client:
         await client.execute(PROBE)
-        assert (await client.execute(f"print(probe({peer!r}, 8080))")).text != "hello"
+        assert (await client.execute(f"print(probe({plain_server!r}, 8080))")).text != "hello-plain"
 
 
 async def test_a_sandbox_that_cannot_be_isolated_is_not_started(image: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -90,6 +90,37 @@ async def make_container(image: str) -> AsyncIterator[ContainerFactory]:
             await container.kill()
 
 
+PLAIN_SERVER = """
+import socket
+server = socket.create_server(("0.0.0.0", 8080))
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"hello-plain\\n")
+    conn.close()
+"""
+
+
+@pytest.fixture
+async def plain_server(image: str) -> AsyncIterator[str]:
+    """A container that is not a sandbox, on the default bridge, greeting `hello-plain` on port 8080;
+    yields its address."""
+    docker = aiodocker.Docker()
+    container = await docker.containers.create(
+        {
+            "Image": image,
+            "User": "0:0",
+            "Entrypoint": ["/opt/ipybox/venv/bin/python", "-c", PLAIN_SERVER],
+            "Labels": session_labels(),
+        }
+    )
+    try:
+        await container.start()
+        yield str((await container.show())["NetworkSettings"]["IPAddress"])
+    finally:
+        await container.delete(force=True)
+        await docker.close()
+
+
 @pytest.fixture(scope="module")
 async def shared_container(image: str) -> AsyncIterator[ExecutionContainer]:
     """One container for a module's tests that only need a fresh kernel each."""

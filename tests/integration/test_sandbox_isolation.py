@@ -10,22 +10,12 @@ machine: every address is a container of this test.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiodocker
 import pytest
 
 from ipybox import ExecutionClient, ExecutionContainer
-from tests.integration.conftest import ContainerFactory, session_labels
-
-PLAIN_SERVER = """
-import socket
-server = socket.create_server(("0.0.0.0", 8080))
-while True:
-    conn, _ = server.accept()
-    conn.sendall(b"hello-plain\\n")
-    conn.close()
-"""
+from tests.integration.conftest import ContainerFactory
 
 LISTEN = """
 import socket as _iso_socket, threading as _iso_threading
@@ -70,26 +60,6 @@ def _iso_probe(host, port, udp=False):
 async def _address(docker: aiodocker.Docker, container_id: str) -> str:
     info = await (await docker.containers.get(container_id)).show()
     return str(info["NetworkSettings"]["Networks"]["bridge"]["IPAddress"])
-
-
-@pytest.fixture
-async def plain_server(image: str) -> AsyncIterator[str]:
-    """A container that is not a sandbox, on the default bridge; yields its address."""
-    docker = aiodocker.Docker()
-    container = await docker.containers.create(
-        {
-            "Image": image,
-            "User": "0:0",
-            "Entrypoint": ["/opt/ipybox/venv/bin/python", "-c", PLAIN_SERVER],
-            "Labels": session_labels(),
-        }
-    )
-    try:
-        await container.start()
-        yield await _address(docker, container.id)
-    finally:
-        await container.delete(force=True)
-        await docker.close()
 
 
 async def _probe(client: ExecutionClient, host: str, port: int, udp: bool = False) -> str:
