@@ -17,7 +17,7 @@ from tornado import web as tornado_web
 from tornado.netutil import bind_unix_socket
 from traitlets.config import Config
 
-from ipybox_server import origin, prewarm, resource
+from ipybox_server import approvals, origin, prewarm, resource
 
 EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900
@@ -121,6 +121,7 @@ def main(token: str) -> None:
         # Runs once the loop is up; by then the gateway's socket is bound (start() binds first).
         listen_on_unix_socket(app.http_server)
         app.kernel_manager.prestart()
+        approvals.use_kernel_manager(app.kernel_manager)
         task = asyncio.ensure_future(start_resource_server(token, allowed_hosts))
         task.add_done_callback(on_resource_started)
 
