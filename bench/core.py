@@ -5,9 +5,9 @@
 Cold start (ExecutionContainer entered -> first result of `print(1)`), warm start from a SandboxPool
 (acquired -> first result), trivial cell round trip against the kernel's own floor measured in the
 same run, 10 MB of stdout, idle memory of one sandbox, how many idle sandboxes live at once each
-answering a cell, and 100 MB transfers against `docker cp`. With `--record FILE` the table is also
-appended to FILE's history section with the date and commit. Needs a Docker engine and the image
-(scripts/test builds it).
+answering a cell, 100 MB transfers against `docker cp`, and MCP tool calls from a cell (first and
+warm). With `--record FILE` the table is also appended to FILE's history section with the date and
+commit. Needs a Docker engine and the image (scripts/test builds it).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 import aiodocker
+import tool_calls  # bench/tool_calls.py
 import transfer  # bench/transfer.py: this directory is on sys.path
 
 from ipybox import DEFAULT_TAG, ExecutionClient, ExecutionContainer, SandboxPool
@@ -187,7 +188,7 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-async def main(tag: str, runs: int, cells: int, fleet_size: int) -> list[Figure]:
+async def main(tag: str, runs: int, cells: int, fleet_size: int, calls: int) -> list[Figure]:
     ms = 1000
     figures: list[Figure] = []
     starts = await cold_start(tag, runs)
@@ -240,6 +241,15 @@ async def main(tag: str, runs: int, cells: int, fleet_size: int) -> list[Figure]
             _met(lines_bytes == TEN_MB),
         ),
     ]
+    first_call, call_p50, call_p95 = await tool_calls.measure(tag, calls)
+    figures.append(
+        Figure(
+            f"MCP tool call from a cell, stdio server in the sandbox: first / warm p50 / p95 ({calls} calls)",
+            f"{first_call * ms:.0f} / {call_p50 * ms:.2f} / {call_p95 * ms:.2f} ms",
+            "<= 10 ms p50",
+            _met(call_p50 <= 0.01),
+        )
+    )
     memory = await idle_memory(tag)
     figures.append(
         Figure("idle memory, one container + one kernel", f"{memory:.1f} MiB", "<= 90 MiB", _met(memory <= 90))
@@ -301,10 +311,11 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=10, help="cold and warm starts to time")
     parser.add_argument("--cells", type=int, default=500, help="trivial cells to time")
     parser.add_argument("--fleet", type=int, default=100, help="idle sandboxes to keep alive at once (0: skip)")
+    parser.add_argument("--tool-calls", type=int, default=200, help="warm MCP tool calls to time")
     parser.add_argument("--record", type=Path, help="append the table to this file's history (docs/benchmarks.md)")
     args = parser.parse_args()
     begin = time.perf_counter()
-    figures = asyncio.run(main(args.tag, args.runs, args.cells, args.fleet))
+    figures = asyncio.run(main(args.tag, args.runs, args.cells, args.fleet, args.tool_calls))
     elapsed = time.perf_counter() - begin
     print(table(figures))
     print(f"\n{elapsed:.0f} s")
