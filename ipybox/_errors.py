@@ -25,6 +25,10 @@
     │   ├── ExecutionAbortedError    the kernel skipped the code: an earlier execution failed
     │   └── KernelDiedError          the kernel process died while executing
     ├── ExecutionTimeoutError        an execution ran past its timeout (also the builtin TimeoutError)
+    ├── InvalidServerParamsError     MCP server parameters that cannot work (a URL that is no URL, no
+    │                                command): refused before anything is sent (also a ValueError)
+    ├── ToolHostError                a ToolHost could not start a host-side MCP server, or the sandbox
+    │                                refused its offer
     └── ResourceError                the resource server refused a request
         ├── RemoteFileNotFoundError  a sandbox file or directory is missing (also a FileNotFoundError)
         ├── RemotePathError          a path the server refused (traversal, absolute, NUL, symlink escape)
@@ -230,3 +234,12 @@ class FirewallError(ContainerError, RuntimeError):
 
     A `RuntimeError` too, as the seed API documents for `init_firewall` failures.
     """
+
+
+class InvalidServerParamsError(IpyboxError, ValueError):
+    """MCP server parameters that cannot work, refused before anything is sent: the message names the
+    parameter (e.g. the URL) and the fix. Also a `ValueError`."""
+
+
+class ToolHostError(IpyboxError):
+    """A `ToolHost` could not start one of its host-side MCP servers, or the sandbox refused its offer."""
