@@ -1,6 +1,7 @@
 """Starts the Kernel Gateway (8888) and the resource server (8900) in one process.
 
-Both share tornado's asyncio loop. Once both sockets listen, a ready line goes to stdout so the host
+Both share tornado's asyncio loop, as does the tool service (`tools`: MCP sessions, called by kernels
+over /run/ipybox/tools.sock). Once both sockets listen, a ready line goes to stdout so the host
 can stop waiting without polling. Both refuse requests from foreign hosts and origins (`origin`) before
 they look at the token.
 """
@@ -17,7 +18,7 @@ from tornado import web as tornado_web
 from tornado.netutil import bind_unix_socket
 from traitlets.config import Config
 
-from ipybox_server import approvals, origin, prewarm, resource
+from ipybox_server import approvals, origin, prewarm, resource, tools
 
 EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900
@@ -84,6 +85,8 @@ async def start_resource_server(token: str, allowed_hosts: frozenset[str]) -> No
     await web.TCPSite(runner, "0.0.0.0", RESOURCE_PORT).start()
     await web.UnixSite(runner, RESOURCE_SOCKET).start()
     os.chmod(RESOURCE_SOCKET, 0o600)
+    # Before the ready line: a kernel's first tool call may come with the first cell.
+    await tools.start_socket()
     print(READY_LINE, flush=True)
 
 

@@ -1,9 +1,13 @@
 """MCP client generation endpoints of the resource server.
 
 - `POST /mcp/sources` with `{"relpath": str, "server_name": str, "server_params": {...}}`: connects to
-  the MCP server from inside the container, writes the package `/app/<relpath>/<server_name>/` and
-  answers `{"modules": [...]}`. 400: bad path, name or params; 422: the MCP server could not be
-  reached, failed, or did not answer in time.
+  the MCP server from inside the container, writes the package `/app/<relpath>/<server_name>/`,
+  registers the server with the tool service (`tools.register`: its params stay in memory, never in
+  the package) and answers `{"modules": [...]}`. 400: bad path, name or params; 422: the MCP server
+  could not be reached, failed, or did not answer in time.
+  With `"tools": [{"name", "description", "inputSchema", "outputSchema"}, ...]` instead of
+  `server_params` (a host-side server, listed by the host): generates from that list without
+  connecting anywhere and registers nothing.
 - `GET /mcp/sources?relpath=...&server_name=...`: the generated tool modules' sources,
   `{"<module>": "<source>"}`; 404 when there is no generated package.
 
@@ -25,12 +29,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ipybox_server import mcp_params
+from ipybox_server import mcp_params, tools
 from ipybox_server.paths import APP_ROOT, bad_request, not_found, resolve
 
 # Above mcp_generate.LIST_TIMEOUT, so that a slow server gets that message rather than this one.
 GENERATE_TIMEOUT = 240.0
 MAX_SOURCE_BYTES = 10 * 1024 * 1024
+MAX_TOOLS = 10_000
 
 
 def unprocessable(message: str) -> web.HTTPUnprocessableEntity:
@@ -91,6 +96,31 @@ async def _run_generator(request_body: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+def _check_tools(tools_list: Any) -> list[dict[str, Any]]:
+    """Tool descriptions as MCP lists them (`inputSchema`, camelCase) -> the generator's dicts."""
+    if not isinstance(tools_list, list) or len(tools_list) > MAX_TOOLS:
+        raise bad_request(f"tools must be a list of at most {MAX_TOOLS} tool descriptions")
+    checked = []
+    for index, tool in enumerate(tools_list):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise bad_request(f"tools[{index}] must be an object with a non-empty 'name'")
+        description = tool.get("description")
+        if description is not None and not isinstance(description, str):
+            raise bad_request(f"tools[{index}].description must be a string")
+        for key in ("inputSchema", "outputSchema"):
+            if tool.get(key) is not None and not isinstance(tool[key], dict):
+                raise bad_request(f"tools[{index}].{key} must be a JSON schema object")
+        checked.append(
+            {
+                "name": tool["name"],
+                "description": description,
+                "input_schema": tool.get("inputSchema") or {"type": "object"},
+                "output_schema": tool.get("outputSchema"),
+            }
+        )
+    return checked
+
+
 async def generate_sources(request: web.Request) -> web.Response:
     try:
         body = await request.json()
@@ -100,12 +130,20 @@ async def generate_sources(request: web.Request) -> web.Response:
         raise bad_request("the request body must be a JSON object")
     server_name = _check_server_name(body.get("server_name"))
     relpath = _check_relpath(body.get("relpath"))
-    try:
-        server_params = mcp_params.normalize(body.get("server_params"))
-    except mcp_params.ParamsError as exc:
-        raise bad_request(str(exc)) from None
+    generator_request: dict[str, Any]
+    if "tools" in body:
+        if "server_params" in body:
+            raise bad_request("give either server_params (a server to connect to) or tools (a list), not both")
+        server_params = None
+        generator_request = {"tools": _check_tools(body["tools"])}
+    else:
+        try:
+            server_params = mcp_params.normalize(body.get("server_params"))
+        except mcp_params.ParamsError as exc:
+            raise bad_request(str(exc)) from None
+        generator_request = {"server_params": server_params}
     target = package_dir(relpath, server_name)
-    answer = await _run_generator({"target": str(target), "server_params": server_params})
+    answer = await _run_generator({"target": str(target), **generator_request})
     if "error" in answer:
         message = str(answer["error"])
         if answer.get("status") == 400:
@@ -113,6 +151,8 @@ async def generate_sources(request: web.Request) -> web.Response:
         if answer.get("status") == 422:
             raise unprocessable(message)
         raise web.HTTPInternalServerError(text=json.dumps({"error": message}), content_type="application/json")
+    if server_params is not None:
+        tools.register(server_name, server_params)  # the generated modules call it by name from now on
     return web.json_response({"modules": answer["modules"]})
 
 

@@ -16,7 +16,7 @@ import logging
 
 from aiohttp import hdrs, web
 
-from ipybox_server import files, mcp_sources, modules, openapi, origin, tool_hosts
+from ipybox_server import files, mcp_sources, modules, openapi, origin, tool_hosts, tools
 
 logger = logging.getLogger(__name__)
 
@@ -108,5 +108,6 @@ def create_app(token: str, allowed_hosts: frozenset[str] = frozenset()) -> web.A
     files.add_routes(app)
     modules.add_routes(app)
     mcp_sources.add_routes(app)
+    tools.add_routes(app)
     tool_hosts.add_routes(app)
     return app
