@@ -241,7 +241,9 @@ class ResourceClient:
             The names of the generated tool modules.
 
         Raises:
-            RemotePathError: a bad `relpath`, `server_name` or `server_params`.
+            InvalidServerParamsError: `server_params` cannot work (e.g. a URL with a placeholder for its
+                host); raised before any request, naming the parameter and the fix. Also a `ValueError`.
+            RemotePathError: a bad `relpath` or `server_name`.
             ResourceError: the MCP server could not be reached or failed (status 422, its message).
         """
         return await _mcp.generate_mcp_sources(self._connected(), relpath, server_name, server_params)
