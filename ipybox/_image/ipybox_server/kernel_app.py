@@ -1,5 +1,10 @@
 """The sandbox's kernel: ipykernel's, with a guard against forked copies of itself.
 
+Shell escapes (`!cmd`, `!!cmd`, `%sx`, `%%bash`, `%%sh`, `%%script ...`) ask ipybox's tool service first
+(`mcp_runtime.ask_shell`), so that an application with approvals on can refuse them
+(`ShellEscapeDenied`); with approvals off the answer is immediate. An application-level control, not
+a security boundary: a cell can start processes in other ways. See `approve_shell_escapes`.
+
 Every kernel runs `IpyboxKernel`: the pre-warmed one (`kernel_stub`) and those the gateway spawns
 (`kernel_launcher`, the kernelspec's entry point set in the Dockerfile).
 
@@ -39,6 +44,7 @@ holds a pid.
 """
 
 import asyncio
+import functools
 import mmap
 import os
 import struct
@@ -53,6 +59,8 @@ from ipykernel.kernelapp import IPKernelApp
 from ipykernel.zmqshell import ZMQInteractiveShell
 from tornado.ioloop import IOLoop
 from traitlets import DottedObjectName, Type
+
+from ipybox_server import mcp_runtime
 
 STREAM_CHUNK = 128 * 1024
 """Characters of stream text per message: at most 768 KiB of JSON even when every character needs a
@@ -213,16 +221,59 @@ def fork_guard() -> ForkGuard:
     return _guard
 
 
+def approve_shell_escapes() -> None:
+    """Make `!cmd` (`system`) and the script cell magics ask `mcp_runtime.ask_shell` before they run.
+
+    Both are wrapped where the command is final, not in the shell's methods: those expand `$var` from
+    the caller's frame by depth, which a wrapping method would shift. `!!cmd` and `%sx` go through
+    `IpyboxShell.getoutput`, which takes a depth.
+    """
+    import ipykernel.zmqshell
+    from IPython.core.magics import script
+
+    system = ipykernel.zmqshell.system  # what ZMQInteractiveShell.system_piped runs, the command expanded
+    if not getattr(system, "ipybox_approved", False):
+
+        def approved_system(cmd: str) -> int:
+            mcp_runtime.ask_shell("system", cmd)
+            return int(system(cmd))
+
+        approved_system.ipybox_approved = True  # type: ignore[attr-defined]
+        ipykernel.zmqshell.system = approved_system  # type: ignore[attr-defined]
+
+    shebang = script.ScriptMagics.shebang  # %%script, and %%bash, %%sh, ... through it
+    if not getattr(shebang, "ipybox_approved", False):
+
+        @functools.wraps(shebang)  # keeps the magic's argument parser, which shebang itself reads
+        def approved_shebang(self: Any, line: str, cell: str) -> Any:
+            program = next((word for word in line.split() if not word.startswith("-")), "script")
+            mcp_runtime.ask_shell(f"%%{os.path.basename(program)}", f"{line}\n{cell}".strip())
+            return shebang(self, line, cell)
+
+        approved_shebang.ipybox_approved = True  # type: ignore[attr-defined]
+        script.ScriptMagics.shebang = approved_shebang  # type: ignore[method-assign]
+
+
 class IpyboxShell(ZMQInteractiveShell):
-    """The shell that tells the guard where each cell starts and ends."""
+    """The shell that tells the guard where each cell starts and ends, and names the execution in
+    progress for tool calls made from threads (`mcp_runtime.current_msg_id`)."""
+
+    ipybox_msg_id: str | None = None
 
     async def run_cell_async(self, *args: Any, **kwargs: Any) -> Any:
         guard = fork_guard()
         guard.cell_started()
+        kernel = getattr(self, "kernel", None)
+        if kernel is not None:
+            self.ipybox_msg_id = kernel.get_parent().get("header", {}).get("msg_id") or self.ipybox_msg_id
         try:
             return await super().run_cell_async(*args, **kwargs)
         finally:
             guard.cell_ended()
+
+    def getoutput(self, cmd: str, split: bool = True, depth: int = 0) -> Any:
+        mcp_runtime.ask_shell("getoutput", self.var_expand(cmd, depth=depth + 1))
+        return super().getoutput(cmd, split, depth + 1)
 
     def showtraceback(self, *args: Any, **kwargs: Any) -> None:
         guard = fork_guard()
@@ -237,6 +288,7 @@ class IpyboxKernel(IPythonKernel):  # type: ignore[misc]
 
     def __init__(self, **kwargs: Any) -> None:
         fork_guard()  # before any cell can fork
+        approve_shell_escapes()
         super().__init__(**kwargs)
 
     def start(self) -> None:

@@ -1,25 +1,14 @@
-"""MCP connections in ipybox's own interpreter (mcp 2.x): the tool-call helper and the generator's client.
+"""MCP connections in ipybox's own interpreter (mcp 2.x), for the tool service (`tools`) and the generator.
 
-`python -I -m ipybox_server.mcp_call` is the helper that kernel code talks to (see `mcp_runtime`): it
-reads one JSON request per line from stdin, `{"server_params": {...}, "tool_name": str, "arguments":
-{...}}`, and writes one JSON answer per line to stdout:
-
-- `{"result": {"is_error": bool, "text": str, "structured": <JSON value or null>}}`: the server answered;
-  `text` is the content's text blocks joined by newlines, `structured` its structured content.
-- `{"error": str, "kind": "tool"}`: the server answered with an MCP protocol error (unknown tool, bad
-  arguments, ...).
-- `{"error": str, "kind": "call"}`: the server could not be started or reached, or failed.
-
-Every call opens its own connection (for stdio servers: starts the server) and closes it afterwards.
-The helper lives as long as its standard input stays open; the `mcp` SDK is imported once per helper.
+`connect` opens an initialized `mcp.Client` for normalized server params (stdio, streamable HTTP or
+SSE); `result_dict` is what the tool service answers for a `CallToolResult`:
+`{"is_error": bool, "text": str, "structured": <JSON value or null>}`, `text` being the content's text
+blocks joined by newlines and `structured` its structured content.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -30,14 +19,6 @@ from ipybox_server import mcp_params
 # The SDK gives a stdio server only HOME, LOGNAME, PATH, SHELL, TERM and USER: these are passed too, so
 # that servers reach HTTPS hosts through the image's CA bundle and decode text as the image does.
 PASSED_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "LANG")
-
-
-class CallFailed(Exception):
-    """A tool call that did not get a result; `kind` is "tool" (MCP protocol error) or "call"."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def leaf_exception(exc: BaseException) -> BaseException:
@@ -117,61 +98,3 @@ def result_dict(result: Any) -> dict[str, Any]:
         "text": content_text(result),
         "structured": result.structured_content,
     }
-
-
-async def call_tool_async(server_params: dict[str, Any], tool_name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """Call one tool on a fresh connection; the result as `result_dict` gives it.
-
-    Raises:
-        CallFailed: no result (kind "tool": the server's MCP error; kind "call": anything else, with the
-            tail of a stdio server's stderr).
-    """
-    from mcp.shared.exceptions import MCPError
-    from mcp.types import CONNECTION_CLOSED  # the server exited: not the tool's answer
-
-    with tempfile.TemporaryFile() as errlog:
-        try:
-            async with connect(server_params, errlog) as client:
-                result = await client.call_tool(tool_name, arguments)
-        except Exception as exc:
-            leaf = leaf_exception(exc)
-            if isinstance(leaf, MCPError) and leaf.error.code != CONNECTION_CLOSED:
-                raise CallFailed(leaf.error.message, "tool") from leaf
-            message = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
-            tail = stderr_tail(errlog)
-            raise CallFailed(f"{message}; server stderr: {tail}" if tail else message, "call") from exc
-    return result_dict(result)
-
-
-def answer(request: Any) -> dict[str, Any]:
-    """The helper's answer to one request (never raises for a failed call)."""
-    try:
-        if not isinstance(request, dict) or not isinstance(request.get("tool_name"), str):
-            raise CallFailed("malformed request to the MCP call helper", "call")
-        arguments = request.get("arguments") or {}
-        return {"result": asyncio.run(call_tool_async(request["server_params"], request["tool_name"], arguments))}
-    except CallFailed as exc:
-        return {"error": str(exc), "kind": exc.kind}
-    except mcp_params.ParamsError as exc:
-        return {"error": str(exc), "kind": "call"}
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}", "kind": "call"}
-
-
-def main() -> None:
-    out = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)  # stray prints of libraries must not corrupt the answers
-    sys.stdout = sys.stderr
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            request = json.loads(line)
-        except ValueError:
-            request = None
-        out.write(json.dumps(answer(request)) + "\n")
-        out.flush()
-
-
-if __name__ == "__main__":
-    main()
