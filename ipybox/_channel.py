@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -32,12 +34,26 @@ _GAP_GRACE = 0.5
 """Seconds an execution that reached idle after a cut waits for messages still missing before it fails."""
 
 
-class KernelChannel:
-    """Reads one kernel's websocket into a router and sends requests on it."""
+SIDE_CHANNEL = "ipybox"
+"""The websocket channel between the client and the server itself (approvals), never the kernel's."""
 
-    def __init__(self, transport: KernelTransport, router: Router) -> None:
+
+class KernelChannel:
+    """Reads one kernel's websocket into a router and sends requests on it.
+
+    Messages on channel "ipybox" are the server's own (approval requests): they go to `on_side`,
+    never to the router (dropped when there is none).
+    """
+
+    def __init__(
+        self,
+        transport: KernelTransport,
+        router: Router,
+        on_side: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.transport = transport
         self.router = router
+        self.on_side = on_side
         self.reader: asyncio.Task[None] | None = None
         self.restart_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # recoveries
@@ -76,15 +92,28 @@ class KernelChannel:
         forgotten: a request never sent must not be blamed for another one's output.
         """
         try:
-            while self.transport.ws is not None and self.transport.ws.closed and self._reading():
-                if self._reopened.is_set():
-                    await asyncio.sleep(0.01)  # the reader has not noticed the close yet
-                else:
-                    await self._reopened.wait()
+            await self._until_open()
             await self.transport.send(route.msg_id, msg_type, content)
         except BaseException:
             self.router.forget(route)
             raise
+
+    async def send_side(self, msg_type: str, content: dict[str, Any]) -> None:
+        """Send a message to the server on channel "ipybox"; waits while the websocket is re-opened.
+
+        Raises:
+            ServerConnectionError: Sending failed.
+        """
+        await self._until_open()
+        await self.transport.send(uuid.uuid4().hex, msg_type, content, channel=SIDE_CHANNEL)
+
+    async def _until_open(self) -> None:
+        """Wait while the reader re-opens a websocket that broke."""
+        while self.transport.ws is not None and self.transport.ws.closed and self._reading():
+            if self._reopened.is_set():
+                await asyncio.sleep(0.01)  # the reader has not noticed the close yet
+            else:
+                await self._reopened.wait()
 
     async def await_restarted_kernel(self) -> None:
         """Wait until a restarted kernel answers on shell and its IOPub reaches us again.
@@ -182,6 +211,13 @@ class KernelChannel:
         async for item in self.transport.messages(ws):
             if isinstance(item, Closed):
                 return item
+            if item.get("channel") == SIDE_CHANNEL:
+                if self.on_side is not None:
+                    try:
+                        self.on_side(item)
+                    except Exception:  # never the reader's end: executions would fail for it
+                        logger.exception("handling a message on channel %r failed", SIDE_CHANNEL)
+                continue
             held = self.router.receive(item)
             if held is not None:
                 self._hold(held, item)

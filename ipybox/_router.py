@@ -29,6 +29,7 @@ import dataclasses
 import enum
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from ipybox._errors import ExecutionAbortedError, ExecutionOutcomeUnknownError, KernelDiedError
@@ -62,6 +63,7 @@ class Terminal:
 
 STARTED = ("started", None)
 IDLE = ("idle", None)
+RELEASED = ("released", None)
 
 
 def utf8_size(text: str) -> int:
@@ -81,7 +83,11 @@ class Route:
     Past the limit, output is counted and dropped; the request is still followed to its idle status.
 
     Queue items: STARTED, ("stream", name, text), ("output", msg_type, Output), ("clear", wait),
-    ("error", ErrorInfo), ("marker", text), IDLE, or a `Terminal`.
+    ("error", ErrorInfo), ("marker", text), ("approval", ToolCallRequest), RELEASED, IDLE, or a
+    `Terminal`.
+
+    While the code waits for the application to approve a call (`hold()` until `release()`), the
+    execution's timeout clock is paused: `held_time()` is the time spent so.
     """
 
     def __init__(self, msg_id: str, limit: int | None, cap_name: int | None, raw: bool = False) -> None:
@@ -108,6 +114,11 @@ class Route:
         self.ended: float | None = None
         self._carry: dict[str, str] = {}  # per stream: an escape sequence cut at the end of its last chunk
         self._last_clear = False  # the last item queued was a clear_output
+        self.policy: Any = None  # the approval policy of this execution (`submit(approve=...)`)
+        self.holds = 0  # calls of the code waiting for an approval
+        self._held_since: float | None = None
+        self._held_total = 0.0
+        self.on_end: Callable[[Route], None] | None = None  # called once when it finishes or fails
 
     @property
     def done(self) -> bool:
@@ -184,6 +195,39 @@ class Route:
             if self.error is None and self._reply_error is not None:
                 self._error(self._reply_error)
             self.queue.put_nowait(IDLE)
+            self._ended()
+
+    def ask(self, request: Any) -> None:
+        """A call of the code waits for approval: queued as an event (outside the output cap), and
+        the timeout clock pauses until it is `release()`d."""
+        self.hold()
+        self.queue.put_nowait(("approval", request))
+
+    def hold(self) -> None:
+        if self.holds == 0:
+            self._held_since = time.monotonic()
+        self.holds += 1
+
+    def release(self) -> None:
+        """A call waits no more (decided or expired); the clock runs again once none waits."""
+        if self.holds == 0:
+            return
+        self.holds -= 1
+        if self.holds == 0 and self._held_since is not None:
+            self._held_total += time.monotonic() - self._held_since
+            self._held_since = None
+        self.queue.put_nowait(RELEASED)  # wakes a reader that waits without a deadline
+
+    def held_time(self) -> float:
+        """Seconds calls of the code have waited for approval (at least one at a time), so far."""
+        if self._held_since is None:
+            return self._held_total
+        return self._held_total + time.monotonic() - self._held_since
+
+    def _ended(self) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(self)
 
     def lose(self) -> None:
         """Messages of this request went missing in a cut; its reply still says how it ended."""
@@ -197,6 +241,7 @@ class Route:
             self.phase = Phase.FAILED
             self.ended = time.monotonic()
             self.queue.put_nowait(Terminal(error))
+            self._ended()
 
     def drop(self, size: int) -> None:
         self.dropped += size

@@ -157,8 +157,9 @@ class KernelTransport:
             return ws
         return reason
 
-    async def send(self, msg_id: str, msg_type: str, content: dict[str, Any]) -> None:
-        """Send a shell request on the current websocket."""
+    async def send(self, msg_id: str, msg_type: str, content: dict[str, Any], channel: str = "shell") -> None:
+        """Send a message on the current websocket: a shell request, or one on channel "ipybox" (approvals),
+        which the server keeps from the kernel."""
         ws = self.ws
         if ws is None:
             raise ServerConnectionError(f"sending to kernel {self.kernel_id} failed: the client disconnected")
@@ -177,9 +178,9 @@ class KernelTransport:
         }
         try:
             if self.v1:
-                await ws.send_bytes(_wire.encode_v1("shell", request))
+                await ws.send_bytes(_wire.encode_v1(channel, request))
             else:
-                await ws.send_str(_wire.encode_json("shell", request))
+                await ws.send_str(_wire.encode_json(channel, request))
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise ServerConnectionError(f"sending to kernel {self.kernel_id} failed: {exc}") from exc
 

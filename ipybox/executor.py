@@ -4,7 +4,8 @@ The front end. Underneath (each readable and testable alone):
 - `ipybox._transport`: route choice, HTTP session, kernel lifecycle requests, websocket framing;
 - `ipybox._router`: what kernel messages mean for each execution (no I/O);
 - `ipybox._channel`: the websocket's one reader task, re-opening after cuts, the recovery check;
-- `ipybox._history`: the executions remembered for `export_notebook()`.
+- `ipybox._history`: the executions remembered for `export_notebook()`;
+- `ipybox._approvals`: approval requests of tool calls and shell escapes, and their decisions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
+from ipybox._approvals import ApprovalDesk
 from ipybox._channel import KernelChannel
 from ipybox._errors import (
     ExecutionError,
@@ -33,6 +36,7 @@ from ipybox._errors import (
 from ipybox._history import History, write_notebook
 from ipybox._router import STARTED, KernelState, Phase, Route, Router, Terminal, aborted_error
 from ipybox._transport import FRAME_SLACK, KernelTransport
+from ipybox.approvals import ApprovalPolicy
 from ipybox.outputs import IMAGE_TYPES, Display, ErrorInfo, Event, Output, OutputArea, TextLog, decode_image
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,8 @@ DEFAULT_MAX_OUTPUT_BYTES = 64 * 2**20
 """Default cap on the output one execution keeps in client memory."""
 DEFAULT_MAX_HISTORY = 100
 """Default number of executions a client remembers for `export_notebook()`."""
+DEFAULT_APPROVAL_TIMEOUT = 300.0
+"""Default seconds a tool call or shell escape waits for the application's decision."""
 
 _INTERRUPT_GRACE = 5.0
 """Seconds an interrupted execution gets to reach idle before the kernel is restarted."""
@@ -100,7 +106,8 @@ class Execution:
 
     Its timeout clock starts when the kernel starts it: an execution queued behind others (several
     `submit()` calls before their results) waits for them without using its own timeout, and its
-    timeout never interrupts another execution.
+    timeout never interrupts another execution. The clock also stops while a call of the code waits
+    for the application's approval (`ExecutionClient(approvals=...)`).
     """
 
     def __init__(self, client: ExecutionClient, route: Route) -> None:
@@ -175,7 +182,13 @@ class Execution:
             raise self._error
 
     async def events(self, timeout: float = 120) -> AsyncIterator[Event]:
-        """Yield typed events in arrival order: `Stdout`, `Stderr`, `Display`, `Result`, `Error`, `Clear`.
+        """Yield typed events in arrival order: `Stdout`, `Stderr`, `Display`, `Result`, `Error`, `Clear`,
+        and with approvals on `ToolCallRequest`.
+
+        A `ToolCallRequest` is a tool call or shell escape of the code waiting for a decision; decide
+        it with `await request.approve()` or `await request.deny(reason)` (the code waits meanwhile;
+        that time does not count against `timeout`). One an approval policy decided comes already
+        decided. Read with `stream()` or `result()` instead, requests no policy decides are denied.
 
         The code's exception is the `Error` event, not raised here (`result()` raises it afterwards
         unless `raise_on_error=False`). Output dropped past `max_output_bytes` yields no event
@@ -203,15 +216,20 @@ class Execution:
 
         `asyncio.timeout` around `Queue.get`, not `wait_for`: a cancelled get never loses an item.
         """
-        deadline = time.monotonic() + timeout if self._started else None
+        route = self._route
+        # The clock: when it started, and how long calls had waited for approval by then. Time calls
+        # of the code wait for approval later is added to the deadline; while one waits, none applies.
+        clock = time.monotonic() if self._started else None
+        held_before = route.held_time()
         while not self._done:
-            if deadline is None:
+            if clock is None or route.holds:
                 item = await self._queue.get()
-                if item is STARTED:
+                if item is STARTED and clock is None:
                     self._started = True
-                    deadline = time.monotonic() + timeout
+                    clock, held_before = time.monotonic(), route.held_time()
                     continue
             else:
+                deadline = clock + timeout + route.held_time() - held_before
                 try:
                     async with asyncio.timeout(deadline - time.monotonic()):
                         item = await self._queue.get()
@@ -253,6 +271,12 @@ class Execution:
             return None, self._area.error(item[1])
         if kind == "marker":
             return str(item[1]), None
+        if kind == "approval":
+            request = item[1]
+            desk = self._client._desk
+            if self._reader != "events" and desk is not None:
+                desk.unread(request)  # no reader decides it here: denied unless a policy does
+            return None, request
         if kind == "idle":
             route = self._route
             if route.aborted:
@@ -347,6 +371,16 @@ class ExecutionClient:
         max_history: Executions remembered for `export_notebook()`, the newest ones (0: none).
             Older ones are also forgotten once the executions before the newest hold more than
             `max_output_bytes` of output.
+        approvals: Whether the application approves each MCP tool call and shell escape (`!cmd`,
+            `%%bash`) of the kernel before it runs. False (default): calls run at once. True: each
+            is decided by the execution's policy (`execute(approve=...)`) or the reader of
+            `Execution.events()` (`ToolCallRequest`), else denied. A policy (`AllowList([...])` or
+            an async callable taking the `ToolCallRequest`, returning True, False or a reason):
+            the client's default policy. A denied call raises `ToolDenied` in the code
+            (`ShellEscapeDenied` for a shell escape). An application-level control, not a security
+            boundary: code can still run programs without a shell escape (`subprocess`).
+        approval_timeout: Seconds a call waits for a decision before the sandbox refuses it
+            (`ToolApprovalExpired` in the code). That time does not count against execution timeouts.
 
     Example:
         ```python
@@ -366,9 +400,20 @@ class ExecutionClient:
         token: str | None = None,
         max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
         max_history: int = DEFAULT_MAX_HISTORY,
+        approvals: bool | ApprovalPolicy = False,
+        approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
     ) -> None:
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0:
             raise ValueError(f"max_history must be an int >= 0, not {max_history!r}")
+        if not isinstance(approvals, bool) and not callable(approvals):
+            raise TypeError(f"approvals must be True, False or a policy (AllowList or callable), not {approvals!r}")
+        if (
+            isinstance(approval_timeout, bool)
+            or not isinstance(approval_timeout, int | float)
+            or not math.isfinite(approval_timeout)
+            or not 0 < approval_timeout <= 86400
+        ):
+            raise ValueError(f"approval_timeout must be seconds in (0, 86400], not {approval_timeout!r}")
         self.port = port
         self.host = host
         self.heartbeat_interval = heartbeat_interval
@@ -381,6 +426,10 @@ class ExecutionClient:
         self._channel: KernelChannel | None = None
         self._closing: asyncio.Task[None] | None = None
         self._history = History(max_history, self.max_output_bytes)
+        self.approvals = approvals is not False
+        self.approval_timeout = float(approval_timeout)
+        self._policy: ApprovalPolicy | None = None if isinstance(approvals, bool) else approvals
+        self._desk: ApprovalDesk | None = None
 
     @property
     def state(self) -> ClientState:
@@ -452,9 +501,19 @@ class ExecutionClient:
             raise
         self._transport = transport
         self._router = Router(transport.kernel_id)
-        self._channel = KernelChannel(transport, self._router)
-        self._channel.start()
+        channel = self._channel = KernelChannel(transport, self._router)
+        if self.approvals:
+            self._desk = ApprovalDesk(self._policy, self.approval_timeout, channel.send_side, self._router)
+            channel.on_side = self._desk.receive
+        channel.start()
         self._state = ClientState.CONNECTED
+        if self._desk is not None:
+            try:
+                # Before any code runs: what the first execution calls is approved already.
+                await self._desk.enable()
+            except BaseException:
+                await self.disconnect()
+                raise
 
     async def disconnect(self) -> None:
         """Shut the kernel down and close the connection. Safe to call repeatedly; pending executions
@@ -471,8 +530,11 @@ class ExecutionClient:
     async def _close(self) -> None:
         transport, self._transport = self._transport, None
         channel, self._channel = self._channel, None
+        desk, self._desk = self._desk, None
         self._state = ClientState.CLOSED
         try:
+            if desk is not None:
+                desk.close(ServerConnectionError("the client disconnected"))
             if channel is not None:
                 await channel.close(ServerConnectionError("the client disconnected"))
             if transport is not None:
@@ -487,6 +549,7 @@ class ExecutionClient:
         *,
         max_output_bytes: int | None | _Unset = _UNSET,
         raise_on_error: bool = True,
+        approve: ApprovalPolicy | None = None,
     ) -> ExecutionResult:
         """Execute code and return its output.
 
@@ -499,6 +562,9 @@ class ExecutionClient:
             max_output_bytes: This execution's output cap; default: the client's. None: no limit.
             raise_on_error: When the code raised: True raises `ExecutionError`; False returns the
                 result with `error` set (name, value, traceback).
+            approve: The approval policy for this execution's tool calls and shell escapes
+                (`AllowList([...])` or a callable); default: the client's. Needs
+                `ExecutionClient(approvals=...)`. Calls no policy approves are denied.
 
         Raises:
             ExecutionError: The code raised an exception (`.message`, `.trace`), with
@@ -510,10 +576,16 @@ class ExecutionClient:
             ServerConnectionError: The connection was lost before the execution was sent or answered.
             InvalidStateError: The client is not connected.
         """
-        execution = await self.submit(code, max_output_bytes=max_output_bytes)
+        execution = await self.submit(code, max_output_bytes=max_output_bytes, approve=approve)
         return await execution.result(timeout=timeout, raise_on_error=raise_on_error)
 
-    async def submit(self, code: str, *, max_output_bytes: int | None | _Unset = _UNSET) -> Execution:
+    async def submit(
+        self,
+        code: str,
+        *,
+        max_output_bytes: int | None | _Unset = _UNSET,
+        approve: ApprovalPolicy | None = None,
+    ) -> Execution:
         """Send code for execution and return at once; read output from the returned Execution.
 
         Executions submitted before this one's result run first (the kernel runs one at a time);
@@ -523,13 +595,21 @@ class ExecutionClient:
         Args:
             code: Python code; top-level `await` works.
             max_output_bytes: This execution's output cap; default: the client's. None: no limit.
+            approve: The approval policy for this execution's tool calls and shell escapes; default:
+                the client's. Needs `ExecutionClient(approvals=...)`. Without any policy, calls are
+                decided by the reader of `events()` (`ToolCallRequest`), else denied.
 
         Raises:
             InvalidStateError: The client is not connected.
             ServerConnectionError: The connection was lost, or sending failed.
             KernelDiedError: The kernel died and could not be restarted, or did not come back.
+            ValueError: `approve` was given to a client without approvals.
         """
         limit = self.max_output_bytes if isinstance(max_output_bytes, _Unset) else _check_limit(max_output_bytes)
+        if approve is not None and not self.approvals:
+            raise ValueError(
+                "approve=... needs a client with approvals on: ExecutionClient(approvals=True) or approvals=<policy>"
+            )
         channel = self._channel_or_raise()
         if not channel.alive and self._router.kernel is not KernelState.DEAD:
             # Connected, but the connection was lost (the server went away): an environment failure.
@@ -541,6 +621,7 @@ class ExecutionClient:
             raise KernelDiedError(f"kernel {self.kernel_id} died and could not be restarted", kernel_id=self.kernel_id)
         await channel.ready_for_request()
         route = self._router.register(limit, limit if limit is not None else self.max_output_bytes)
+        route.policy = approve
         await channel.send(
             route,
             "execute_request",

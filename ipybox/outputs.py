@@ -1,12 +1,13 @@
 """Rich outputs of an execution, as Jupyter shows them: MIME bundles, typed events, the output area.
 
 `Output` is one `execute_result` or `display_data` MIME bundle with accessors per type. The events
-(`Stdout`, `Stderr`, `Display`, `Result`, `Error`, `Clear`) are what `Execution.events()` yields, in
-arrival order. `OutputArea` applies a cell's messages the way Jupyter's output area does (consecutive
-stream text of one stream merged, `update_display_data` replacing the data of every output with that
-display id, `clear_output` clearing at once or, with `wait=True`, when the next output arrives) and
-renders nbformat outputs for notebook export. `TextLog` is the arrival log of an execution's text and
-makes the result's `text`, `stdout` and `stderr` of it with at most two copies alive.
+(`Stdout`, `Stderr`, `Display`, `Result`, `Error`, `Clear`, and `ToolCallRequest` when approvals are
+on) are what `Execution.events()` yields, in arrival order. `OutputArea` applies a cell's messages the
+way Jupyter's output area does (consecutive stream text of one stream merged, `update_display_data`
+replacing the data of every output with that display id, `clear_output` clearing at once or, with
+`wait=True`, when the next output arrives) and renders nbformat outputs for notebook export. `TextLog`
+is the arrival log of an execution's text and makes the result's `text`, `stdout` and `stderr` of it
+with at most two copies alive.
 
 What a bundle costs kept (`bundle_charge`): images at the memory their decode takes, read from their
 header without decoding them (`ipybox._images`), plus their base64 text and encoded bytes; an image
@@ -19,16 +20,18 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import enum
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from PIL import Image
 
+from ipybox._errors import InvalidStateError
 from ipybox._escapes import strip_escapes
 from ipybox._images import ImageHeader, UnreadableImage, format_bytes, joined_base64, open_image, read_header
 
@@ -214,7 +217,82 @@ class Clear:
     wait: bool = False
 
 
-Event = Stdout | Stderr | Display | Result | Error | Clear
+class ApprovalState(enum.Enum):
+    """Where a `ToolCallRequest` is: PENDING ──approve()──▶ APPROVED, ──deny()──▶ DENIED, or EXPIRED
+    (no decision reached the sandbox in time, the calling code went away, or its execution ended)."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+@dataclass(eq=False)
+class ToolCallRequest:
+    """A tool call or shell escape of the code that waits for the application's decision before it runs.
+
+    Yielded by `Execution.events()` when the client has approvals on (`ExecutionClient(approvals=...)`).
+    A request an approval policy decided is yielded too, already decided (`state`, `decided_by`);
+    otherwise the reader decides it with `approve()` or `deny()`. The code waits meanwhile; that
+    time does not count against the execution's timeout. A request nobody decides is refused by the
+    sandbox after `approval_timeout` seconds (the code gets `ToolApprovalExpired`).
+
+    Attributes:
+        kind: "tool" for an MCP tool call, "shell" for a shell escape (`!cmd`, `!!cmd`, `%sx`,
+            `%%bash`, `%%sh`).
+        server: The MCP server's name; "shell" for a shell escape.
+        tool: The tool's name; for a shell escape its kind ("system" for `!cmd`, "getoutput" for
+            `!!cmd`/`%sx`, "%%bash", "%%sh").
+        arguments: The tool's arguments; for a shell escape `{"command": "..."}`.
+        id: The request's id in the sandbox.
+        state: PENDING until decided (see `ApprovalState`).
+        reason: Why it was denied or expired ("" otherwise).
+        decided_by: "reader" (`approve()`/`deny()`), "policy", "client" (no policy and no
+            reader that could decide it), "sandbox" (it expired there); None while pending.
+    """
+
+    id: str
+    kind: str
+    server: str
+    tool: str
+    arguments: dict[str, Any]
+    state: ApprovalState = ApprovalState.PENDING
+    reason: str = ""
+    decided_by: str | None = None
+    _decide: Callable[[ToolCallRequest, bool, str, str], Awaitable[None]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    @property
+    def name(self) -> str:
+        """ "server.tool", e.g. "github.create_issue", or "shell.system" for `!cmd`."""
+        return f"{self.server}.{self.tool}"
+
+    async def approve(self) -> None:
+        """Let the call run. Returns once the sandbox has taken the decision.
+
+        Raises:
+            InvalidStateError: The request was decided already, expired, or its execution ended
+                (the message says which); or the client disconnected.
+        """
+        await self._send(True, "")
+
+    async def deny(self, reason: str = "") -> None:
+        """Refuse the call: the code gets `ToolDenied` (`ShellEscapeDenied` for a shell escape) with
+        `reason`. Returns once the sandbox has taken the decision.
+
+        Raises:
+            InvalidStateError: As for `approve()`.
+        """
+        await self._send(False, reason)
+
+    async def _send(self, approve: bool, reason: str) -> None:
+        if self._decide is None:
+            raise InvalidStateError(f"the request for {self.name} belongs to no client; it cannot be decided")
+        await self._decide(self, approve, reason, "reader")
+
+
+Event = Stdout | Stderr | Display | Result | Error | Clear | ToolCallRequest
 
 
 # -- the output area --------------------------------------------------------------------------------
