@@ -1,0 +1,302 @@
+"""Host-side MCP servers (issue 15): servers run on the host (ToolHost), cells call them through generated
+modules, and nothing of their parameters enters the sandbox.
+
+Servers on the host: the repository's stdio test server, tests/mcp_server/host_server.py (a marker in its
+env, its pid, sleeps, exits mid-call) and server-everything from npm (`npx`, fetched from the registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipybox import ExecutionClient, ExecutionContainer
+from ipybox._errors import ExecutionError
+from ipybox.tool_host import ToolHost
+from tests.integration.conftest import ContainerFactory
+
+MCP_DIR = Path(__file__).resolve().parents[1] / "mcp_server"
+HOST_SERVER = MCP_DIR / "host_server.py"
+TEST_SERVER = MCP_DIR / "server.py"
+EVERYTHING = "@modelcontextprotocol/server-everything@2026.8.31"
+
+
+def host_server(**env: str) -> dict[str, Any]:
+    return {"command": sys.executable, "args": [str(HOST_SERVER)], "env": env}
+
+
+@pytest.fixture
+async def container(make_container: ContainerFactory) -> ExecutionContainer:
+    return await make_container()
+
+
+@pytest.fixture
+async def client(container: ExecutionContainer) -> AsyncIterator[ExecutionClient]:
+    async with ExecutionClient(port=container.executor_port) as client:
+        yield client
+
+
+async def output(client: ExecutionClient, code: str, timeout: float = 120) -> str:
+    result = await client.execute(code, timeout=timeout)
+    return result.text or ""
+
+
+async def test_cells_call_host_side_servers_through_generated_modules(
+    container: ExecutionContainer, client: ExecutionClient
+) -> None:
+    servers = {
+        "repo": {"command": sys.executable, "args": [str(TEST_SERVER)]},
+        "hostside": host_server(),
+    }
+    async with ToolHost(container.resource_port, servers) as tools:
+        modules = await tools.generate_mcp_sources()
+        assert "echo" in modules["repo"] and "get_weather" in modules["repo"] and "add" in modules["hostside"]
+        text = await output(
+            client,
+            "from mcptools.repo.echo import Params, echo\n"
+            "from mcptools.repo import get_weather, stats, fail, ToolError\n"
+            "from mcptools.hostside import add\n"
+            "print(echo(Params(text='hi')))\n"
+            "print(get_weather.get_weather(get_weather.Params(city='Graz', days=2)))\n"
+            "print(stats.stats(stats.Params(values=[1, 2.5])))\n"
+            "print(add.add(add.Params(a=2, b=40)))\n"
+            "try:\n"
+            "    fail.fail(fail.Params())\n"
+            "except ToolError as e:\n"
+            "    print('ToolError', e.server, e.tool, e)\n",
+        )
+        lines = text.splitlines()
+        assert lines[0] == "hi"
+        assert lines[1] == "Graz: sunny for 2 day(s)"
+        assert lines[2] == "{'count': 2.0, 'total': 3.5}" or "count" in lines[2]
+        assert lines[3] == "42"
+        assert lines[4].startswith("ToolError repo fail ") and "failed on purpose" in lines[4]
+        # Concurrent calls from threads of one cell, all on the host's one session.
+        text = await output(
+            client,
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "from mcptools.hostside import add, pid\n"
+            "with ThreadPoolExecutor(8) as pool:\n"
+            "    sums = list(pool.map(lambda i: add.add(add.Params(a=i, b=1)), range(40)))\n"
+            "print(sums == [i + 1 for i in range(40)], len({pid.pid(pid.Params()) for _ in range(5)}))\n",
+        )
+        assert text == "True 1"
+        assert tools.stats()["hostside"]["starts"] == 1
+
+
+async def test_an_npm_server_on_the_host(container: ExecutionContainer, client: ExecutionClient) -> None:
+    params = {"command": "npx", "args": ["-y", EVERYTHING]}
+    async with ToolHost(container.resource_port, {"everything": params}) as tools:
+        modules = await tools.generate_mcp_sources("hostpkgs")
+        assert "echo" in modules["everything"] and "get_sum" in modules["everything"]
+        text = await output(
+            client,
+            "from hostpkgs.everything import echo, get_sum\n"
+            "print(echo.echo(echo.Params(message='from the host')))\n"
+            "print(get_sum.get_sum(get_sum.Params(a=2, b=3)))\n",
+        )
+        assert text.splitlines()[0] == "Echo: from the host"
+        assert "5" in text.splitlines()[1]
+
+
+MARKER_SCAN = r"""
+import json, os, sys
+markers = [m.encode() for m in MARKERS]
+hits = {m.decode(): [] for m in markers}
+def scan(path, data):
+    for m in markers:
+        if m in data:
+            hits[m.decode()].append(path)
+for pid in os.listdir('/proc'):
+    if pid.isdigit():
+        for name in ('environ', 'cmdline'):
+            try:
+                with open(f'/proc/{pid}/{name}', 'rb') as f:
+                    scan(f'/proc/{pid}/{name}', f.read())
+            except OSError:
+                pass
+for root, dirs, files in os.walk('/'):
+    dirs[:] = [d for d in dirs if os.path.join(root, d) not in ('/proc', '/sys', '/dev')]
+    for file in files:
+        path = os.path.join(root, file)
+        try:
+            if not os.path.islink(path) and os.path.isfile(path):
+                with open(path, 'rb') as f:
+                    scan(path, f.read())
+        except OSError:
+            pass
+print(json.dumps(hits))
+"""
+
+
+async def test_a_host_servers_marker_never_enters_the_container(
+    container: ExecutionContainer, client: ExecutionClient
+) -> None:
+    marker = "hostmarker" + os.urandom(12).hex()
+    control = "control" + os.urandom(12).hex()  # planted in the sandbox: the scans must find it
+    async with ToolHost(container.resource_port, {"secretive": host_server(IPYBOX_HOST_MARKER=marker)}) as tools:
+        await tools.generate_mcp_sources()
+        # The host's server has the marker (its hash comes back), ...
+        digest = await output(
+            client, "from mcptools.secretive import marker_sha256 as m\nprint(m.marker_sha256(m.Params()))"
+        )
+        assert digest == hashlib.sha256(marker.encode()).hexdigest()
+        # ... but no file and no process environment in the container holds it: searched by a cell (the
+        # strings reversed in the cell's source, so that the kernel's history does not plant them) ...
+        reversed_markers = f"[m[::-1] for m in {[marker[::-1], control[::-1]]!r}]"
+        await output(client, f"open('/tmp/control', 'w').write({control[::-1]!r}[::-1])")
+        found = json.loads(await output(client, MARKER_SCAN.replace("MARKERS", reversed_markers), timeout=300))
+        assert found[marker] == [] and "/tmp/control" in found[control]
+        # ... and by root, through docker exec (the strings on stdin, not in a command line).
+        process = await asyncio.create_subprocess_exec(
+            "docker", "exec", "-i", "-u", "0", container.container_id or "", "/opt/ipybox/venv/bin/python", "-c",
+            MARKER_SCAN.replace("MARKERS", "json.loads(sys.stdin.read())"),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(json.dumps([marker, control]).encode()), 300)
+        assert process.returncode == 0, stderr.decode()
+        found = json.loads(stdout)
+        assert found[marker] == [] and "/tmp/control" in found[control]
+        # Nor does the container's configuration.
+        assert marker not in repr(await _inspect(container))
+
+
+async def _inspect(container: ExecutionContainer) -> dict[str, Any]:
+    import aiodocker
+
+    docker = aiodocker.Docker()
+    try:
+        info: dict[str, Any] = await (await docker.containers.get(container.container_id or "")).show()
+        return info
+    finally:
+        await docker.close()
+
+
+async def test_a_sandbox_calls_only_names_offered_to_it(make_container: ContainerFactory) -> None:
+    first, second = await make_container(), await make_container()
+    async with ToolHost(first.resource_port, {"mine": host_server()}) as tools:
+        await tools.generate_mcp_sources()
+        async with ExecutionClient(port=first.executor_port) as client:
+            text = await output(
+                client,
+                "from ipybox_server.mcp_runtime import call_tool, ToolServerError\n"
+                "from mcptools.mine import add\n"
+                "print(add.add(add.Params(a=1, b=1)))\n"
+                "try:\n"
+                "    call_tool('notoffered', 'add', {'a': 1, 'b': 1})\n"
+                "except ToolServerError as e:\n"
+                "    print(type(e).__name__, e)\n",
+            )
+            assert text.splitlines()[0] == "2"
+            assert text.splitlines()[1].startswith("ToolServerError notoffered.add: ")
+            # A cell cannot open the host's websocket itself: it has no secret.
+            text = await output(
+                client,
+                "import urllib.request, urllib.error\n"
+                "try:\n"
+                "    urllib.request.urlopen('http://localhost:8900/tools/host')\n"
+                "except urllib.error.HTTPError as e:\n"
+                "    print(e.code)\n",
+            )
+            assert text == "401"
+        async with ExecutionClient(port=second.executor_port) as client:
+            text = await output(
+                client,
+                "from ipybox_server.mcp_runtime import call_tool, ToolServerError\n"
+                "try:\n"
+                "    call_tool('mine', 'add', {'a': 1, 'b': 1})\n"
+                "except ToolServerError as e:\n"
+                "    print(type(e).__name__, e)\n",
+            )
+            assert text.startswith("ToolServerError mine.add: no MCP server 'mine' is registered in this sandbox")
+
+
+async def test_the_tool_host_going_away_mid_call_fails_the_cell_promptly(
+    container: ExecutionContainer, client: ExecutionClient
+) -> None:
+    tools = ToolHost(container.resource_port, {"leaving": host_server()})
+    await tools.start()
+    try:
+        await tools.generate_mcp_sources()
+        execution = await client.submit(
+            "import time\n"
+            "from mcptools.leaving import sleep, ToolServerError, ToolServerCrashed\n"
+            "start = time.monotonic()\n"
+            "try:\n"
+            "    sleep.sleep(sleep.Params(seconds=120))\n"
+            "except ToolServerError as e:\n"
+            "    print(type(e).__name__, isinstance(e, ToolServerCrashed), round(time.monotonic() - start), e)\n"
+        )
+        await asyncio.sleep(2.0)
+    finally:
+        await tools.close()
+    start = time.monotonic()
+    result = await execution.result(timeout=30)
+    assert time.monotonic() - start < 10
+    text = result.text or ""
+    assert text.startswith("ToolServerError False "), text
+    assert "leaving.sleep" in text and "unavailable" in text and "ToolHost" in text
+    # Later calls fail the same way, at once.
+    text = await output(
+        client,
+        "from mcptools.leaving import add\ntry:\n    add.add(add.Params(a=1, b=1))\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e)\n",
+    )
+    assert text.startswith("ToolServerError leaving.add: host-side MCP server 'leaving' is unavailable")
+
+
+async def test_a_host_server_that_crashes_is_restarted(container: ExecutionContainer, client: ExecutionClient) -> None:
+    async with ToolHost(container.resource_port, {"fragile": host_server()}) as tools:
+        await tools.generate_mcp_sources()
+        text = await output(
+            client,
+            "from mcptools.fragile import pid, exit_now, ToolServerCrashed\n"
+            "before = pid.pid(pid.Params())\n"
+            "try:\n"
+            "    exit_now.exit_now(exit_now.Params())\n"
+            "except ToolServerCrashed as e:\n"
+            "    print('crashed', e.server, e.tool)\n"
+            "after = pid.pid(pid.Params())\n"
+            "print(before != after)\n",
+        )
+        assert text == "crashed fragile exit_now\nTrue"
+        assert tools.stats()["fragile"]["starts"] == 2
+
+
+async def test_a_timed_out_host_call_raises_tool_timeout(
+    container: ExecutionContainer, client: ExecutionClient
+) -> None:
+    async with ToolHost(container.resource_port, {"slow": host_server()}) as tools:
+        await tools.generate_mcp_sources()
+        text = await output(
+            client,
+            "from ipybox_server import mcp_runtime\n"
+            "from mcptools.slow import sleep, add, ToolTimeout\n"
+            "mcp_runtime.CALL_TIMEOUT = 1.0\n"
+            "try:\n"
+            "    sleep.sleep(sleep.Params(seconds=30))\n"
+            "except ToolTimeout as e:\n"
+            "    print('timeout', e.server, e.tool)\n"
+            "mcp_runtime.CALL_TIMEOUT = 300.0\n"
+            "print(add.add(add.Params(a=1, b=2)))\n",
+        )
+        assert text == "timeout slow sleep\n3"
+
+
+async def test_a_failing_cell_does_not_hide_a_missing_tool_host(
+    container: ExecutionContainer, client: ExecutionClient
+) -> None:
+    """Without a ToolHost there is nothing to call: the cell's error names the server."""
+    async with ToolHost(container.resource_port, {"once": host_server()}) as tools:
+        await tools.generate_mcp_sources()
+    with pytest.raises(ExecutionError, match="ToolServerError: once.add: host-side MCP server 'once' is unavailable"):
+        await client.execute("from mcptools.once import add\nadd.add(add.Params(a=1, b=1))")
