@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import keyword
 import logging
 import os
+import re
+import shlex
 import stat
 import tempfile
 import time
@@ -19,12 +23,16 @@ from ipybox.executor import ExecutionClient, ExecutionResult
 from ipybox.pool import Sandbox as PooledSandbox
 from ipybox.pool import SandboxPool, start_sandbox
 from ipybox.resource import _beneath, _files
+from ipybox.resource._mcp import check_server_params
 from ipybox.resource.client import ResourceClient
+from ipybox.tool_host import ToolHost
 
 logger = logging.getLogger("ipybox.mcp")
 
 OUTPUT_DIR = ".ipybox/outputs"
 """Where truncated outputs are saved in full, relative to /app."""
+TOOLS_RELPATH = "mcptools"
+"""Where the packages of host-side MCP servers are generated, relative to /app."""
 
 
 @dataclass
@@ -41,6 +49,8 @@ class SandboxOptions:
     max_output_chars: int = 20_000
     pool: int = 0
     """Spare sandboxes kept ready (SandboxPool), so `reset(new_sandbox=True)` switches at once."""
+    tool_servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """MCP servers run on the host (a ToolHost per sandbox), as packages `/app/mcptools/<name>/`."""
 
 
 class PathNotAllowedError(PermissionError):
@@ -141,6 +151,7 @@ class Sandbox:
         self._pool: SandboxPool | None = None
         self._client: ExecutionClient | None = None
         self._resources: ResourceClient | None = None
+        self._tool_host: ToolHost | None = None
         self._started: asyncio.Task[None] | None = None
         self._kernel_lock = asyncio.Lock()
         self._closing: asyncio.Future[None] | None = None
@@ -182,19 +193,38 @@ class Sandbox:
         return await start_sandbox(self._container_options(), self.options.allowed_domains)
 
     async def _switch_to(self, sandbox: PooledSandbox) -> None:
-        """Make `sandbox` the one tool calls use; the previous one is removed."""
+        """Make `sandbox` the one tool calls use (with its host-side tools); the previous one is removed."""
         resources = ResourceClient(port=sandbox.container.resource_port)
+        tool_host: ToolHost | None = None
         try:
             await resources.connect()
+            if self.options.tool_servers:
+                tool_host = ToolHost(sandbox.container.resource_port, self.options.tool_servers)
+                await tool_host.start()
+                modules = await tool_host.generate_mcp_sources(TOOLS_RELPATH)
+                logger.info(
+                    "host-side MCP servers: %s",
+                    "; ".join(f"{name} ({len(tools)} tools)" for name, tools in modules.items()),
+                )
         except BaseException:
-            await sandbox.close()
+            with contextlib.suppress(Exception):
+                await resources.disconnect()
+            try:
+                if tool_host is not None:
+                    await tool_host.close()
+            finally:
+                await sandbox.close()
             raise
-        previous, previous_resources = self._current, self._resources
+        previous, previous_resources, previous_tools = self._current, self._resources, self._tool_host
         self._current, self._client, self._resources = sandbox, sandbox.client, resources
+        self._tool_host = tool_host
         logger.info("sandbox %s ready", (sandbox.container.container_id or "")[:12])
         if previous_resources is not None:
             with contextlib.suppress(Exception):
                 await previous_resources.disconnect()
+        if previous_tools is not None:
+            with contextlib.suppress(Exception):
+                await previous_tools.close()
         if previous is not None:
             await previous.close()
 
@@ -230,6 +260,9 @@ class Sandbox:
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer.disconnect()
+        if self._tool_host is not None:
+            with contextlib.suppress(Exception):
+                await self._tool_host.close()
         try:
             if self._current is not None:
                 await self._current.close()
@@ -370,3 +403,78 @@ def parse_binds(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--container-bind {pair!r}: the container path must be relative (it lands under /app)")
         binds[host] = container
     return binds
+
+
+_CONFIG_TYPES = {"stdio": "stdio", "sse": "sse", "http": "streamable_http", "streamable-http": "streamable_http"}
+_CONFIG_TYPES |= {"streamable_http": "streamable_http", "streamableHttp": "streamable_http"}
+_CONFIG_KEYS = ("command", "args", "env", "cwd", "url", "headers")
+
+
+def package_name(name: str, what: str) -> str:
+    """`name` as a Python identifier (it names the package under /app/mcptools): `-`, `.` and spaces
+    become `_` (`server-github` -> `server_github`); ValueError when that is still no identifier."""
+    package = re.sub(r"[-. ]", "_", name)
+    if not package.isidentifier() or keyword.iskeyword(package):
+        raise ValueError(f"{what}: the server name {name!r} must be usable as a Python package name (e.g. my_server)")
+    return package
+
+
+def parse_tool_servers(specs: list[str], environ: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """`--tool-server NAME=COMMAND` values: stdio servers run on the host with this process's environment.
+
+    COMMAND is split as a shell would (quotes, no expansion); ValueError names a malformed value.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    servers: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, command = spec.partition("=")
+        what = f"--tool-server {spec!r}"
+        if not sep or not name.strip():
+            raise ValueError(f"{what} is not NAME=COMMAND")
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        if not argv:
+            raise ValueError(f"{what} has no command after '='")
+        _add_server(servers, name.strip(), {"command": argv[0], "args": argv[1:], "env": environ}, what)
+    return servers
+
+
+def load_tool_config(path: Path) -> dict[str, dict[str, Any]]:
+    """The servers of an MCP client configuration file, `{"mcpServers": {name: {...}}}`, to run on the host.
+
+    Entries take `command`, `args`, `env`, `cwd` (stdio) or `url`, `headers` and `type` (`http`,
+    `streamable-http`, `sse`); other keys that clients keep there are ignored, and entries with
+    `"disabled": true` are left out. Stdio servers get the environment MCP clients give (the MCP
+    SDK's default: PATH, HOME, ...) plus their `env`.
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"--tool-config {path}: not JSON ({exc})") from None
+    entries = config.get("mcpServers") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(f'--tool-config {path}: expected {{"mcpServers": {{"<name>": {{...}}, ...}}}}')
+    servers: dict[str, dict[str, Any]] = {}
+    for name, entry in entries.items():
+        what = f"--tool-config {path}, server {name!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{what}: expected an object with a command or a url")
+        if entry.get("disabled") is True:
+            continue
+        params = {key: entry[key] for key in _CONFIG_KEYS if key in entry}
+        kind = entry.get("type")
+        if kind is not None:
+            if kind not in _CONFIG_TYPES:
+                raise ValueError(f"{what}: unknown type {kind!r} (use stdio, http or sse)")
+            params["type"] = _CONFIG_TYPES[kind]
+        _add_server(servers, name, params, what)
+    return servers
+
+
+def _add_server(servers: dict[str, dict[str, Any]], name: str, params: dict[str, Any], what: str) -> None:
+    package = package_name(name, what)
+    if package in servers:
+        raise ValueError(f"{what}: a second server named {package!r}; give each server its own name")
+    servers[package] = check_server_params(params, what)

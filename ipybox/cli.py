@@ -156,11 +156,37 @@ def mcp(
             "sandbox at once. Each spare uses about 90 MiB of memory."
         ),
     ] = 0,
+    tool_server: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tool-server",
+            help="NAME=COMMAND: an MCP stdio server run on the host, with this process's environment; code in the "
+            "sandbox calls its tools as `from mcptools.NAME.<tool> import Params, <tool>` (repeatable). Its "
+            "environment and credentials never enter the sandbox.",
+        ),
+    ] = None,
+    tool_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--tool-config",
+            help='JSON file {"mcpServers": {NAME: {command, args, env} or {url, headers}}} as MCP clients write '
+            "it: more host-side servers, as --tool-server.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the sandbox as an MCP server over stdio (for Claude Desktop, Claude Code, Cursor, ...)."""
     from ipybox import mcp_server
     from ipybox._limits import parse_memory
-    from ipybox._mcp_session import SandboxOptions, parse_binds, parse_env_file, parse_key_values
+    from ipybox._mcp_session import (
+        SandboxOptions,
+        load_tool_config,
+        parse_binds,
+        parse_env_file,
+        parse_key_values,
+        parse_tool_servers,
+    )
 
     try:
         directories = [directory.expanduser().resolve() for directory in (allowed_dir or [Path.cwd()])]
@@ -182,6 +208,11 @@ def mcp(
             from ipybox._firewall import parse_entries
 
             parse_entries(allowed_domain)
+        tool_servers = load_tool_config(tool_config) if tool_config else {}
+        for name, params in parse_tool_servers(tool_server or []).items():
+            if name in tool_servers:
+                raise ValueError(f"--tool-server {name}: a server of that name is in --tool-config {tool_config} too")
+            tool_servers[name] = params
         options = SandboxOptions(
             tag=container_tag,
             allowed_dirs=directories,
@@ -194,6 +225,7 @@ def mcp(
             pids_limit=pids_limit,
             max_output_chars=max_output_chars,
             pool=pool,
+            tool_servers=tool_servers,
         )
     except (ValueError, OSError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)

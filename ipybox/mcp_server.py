@@ -48,10 +48,24 @@ Run Python code in the sandbox's IPython kernel and return its output.
 """
 
 
+def tools_description(names: list[str]) -> str:
+    """What the execute tool's description says about host-side MCP servers (`--tool-server`)."""
+    if not names:
+        return ""
+    listed = ", ".join(names)
+    example = names[0]
+    return f"""\
+- MCP servers on the host are Python packages in the sandbox: mcptools.{{{listed}}}. Call a tool as
+  `from mcptools.{example}.<tool> import Params, <tool>` then `<tool>(Params(...))`; a server's tools:
+  `import mcptools.{example} as s; print(s.TOOLS)`; a tool's arguments: `help(Params)`. Errors are
+  `ToolError` (the tool failed) and `ToolCallError` (its base), from `mcptools.{example}`.
+"""
+
+
 def create_server(sandbox: Sandbox) -> MCPServer:
     server = MCPServer(name="ipybox", instructions=INSTRUCTIONS)
 
-    @server.tool(description=EXECUTE_DESCRIPTION)
+    @server.tool(description=EXECUTE_DESCRIPTION + tools_description(list(sandbox.options.tool_servers)))
     async def execute_ipython_cell(
         code: str, timeout: float = 120, max_output_chars: int | None = None
     ) -> CallToolResult:

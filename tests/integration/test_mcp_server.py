@@ -473,6 +473,8 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
         "--pids-limit",
         "--max-output-chars",
         "--pool",
+        "--tool-server",
+        "--tool-config",
     ):
         assert option in done.stdout, option
 
@@ -491,6 +493,11 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
         ["--cpu-limit", "0"],
         ["--pids-limit", "0"],
         ["--pool", "-1"],
+        ["--tool-server", "NOEQUALS"],
+        ["--tool-server", "name="],
+        ["--tool-server", "1st=python server.py"],
+        ["--tool-server", "a=one", "--tool-server", "a=two"],
+        ["--tool-config", "/does/not/exist.json"],
     ],
     ids=lambda args: " ".join(args),
 )
@@ -508,6 +515,119 @@ async def test_bad_options_exit_2_with_one_line_before_any_container(
         assert await case_containers(case) == []
     finally:
         await force_remove(case)
+
+
+# -- host-side MCP servers (--tool-server, --tool-config) ---------------------------------------------
+
+HOST_SERVER = Path(__file__).resolve().parents[1] / "mcp_server" / "host_server.py"
+TEST_SERVER = Path(__file__).resolve().parents[1] / "mcp_server" / "server.py"
+
+
+async def test_tool_servers_run_on_the_host_and_cells_call_them(
+    image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inherited = "inherited" + os.urandom(8).hex()  # in `ipybox mcp`'s environment: --tool-server gets it
+    configured = "configured" + os.urandom(8).hex()  # in the config entry's env
+    monkeypatch.setenv("IPYBOX_HOST_MARKER", inherited)
+    config = tmp_path / "tools.json"
+    config.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "repo-test": {"command": sys.executable, "args": [str(TEST_SERVER)]},
+                    "configured": {
+                        "command": sys.executable,
+                        "args": [str(HOST_SERVER)],
+                        "env": {"IPYBOX_HOST_MARKER": configured},
+                    },
+                    "off": {"command": "does-not-exist", "disabled": True},
+                }
+            }
+        )
+    )
+    server = McpServer(
+        image, "--tool-server", f"hostside={sys.executable} {HOST_SERVER}", "--tool-config", str(config), cwd=tmp_path
+    )
+    try:
+        async with server:
+            listed = await server.client.list_tools()
+            execute = next(tool for tool in listed.tools if tool.name == "execute_ipython_cell")
+            assert "mcptools.{repo_test, configured, hostside}" in (execute.description or "")
+            text = await server.output(
+                "from mcptools.repo_test.echo import Params, echo\n"
+                "from mcptools.hostside import marker_sha256 as h\n"
+                "from mcptools.configured import marker_sha256 as c\n"
+                "import os\n"
+                "print(echo(Params(text='via the host')))\n"
+                "print(h.marker_sha256(h.Params()))\n"
+                "print(c.marker_sha256(c.Params()))\n"
+                "print(sorted(os.listdir('/app/mcptools')))\n"
+            )
+            lines = text.splitlines()
+            assert lines[0] == "via the host"
+            assert lines[1] == hashlib.sha256(inherited.encode()).hexdigest()
+            assert lines[2] == hashlib.sha256(configured.encode()).hexdigest()
+            assert "configured" in lines[3] and "hostside" in lines[3] and "off" not in lines[3]
+            # Neither marker is anywhere in the sandbox's files or process environments (strings reversed in
+            # the cell, so that its source does not plant them).
+            scan = (
+                "import os\n"
+                f"markers = [m[::-1].encode() for m in {[inherited[::-1], configured[::-1]]!r}]\n"
+                "hits = []\n"
+                "for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+                "    try:\n"
+                "        data = open(f'/proc/{pid}/environ', 'rb').read()\n"
+                "    except OSError:\n"
+                "        continue\n"
+                "    hits += [pid for m in markers if m in data]\n"
+                "for root, dirs, files in os.walk('/'):\n"
+                "    dirs[:] = [d for d in dirs if os.path.join(root, d) not in ('/proc', '/sys', '/dev')]\n"
+                "    for f in files:\n"
+                "        path = os.path.join(root, f)\n"
+                "        try:\n"
+                "            if os.path.isfile(path) and not os.path.islink(path):\n"
+                "                data = open(path, 'rb').read()\n"
+                "                hits += [path for m in markers if m in data]\n"
+                "        except OSError:\n"
+                "            pass\n"
+                "print('hits', hits)\n"
+            )
+            assert await server.output(scan, timeout=300) == "hits []"
+            # A new sandbox gets the host-side servers too.
+            result = await server.call("reset", new_sandbox=True)
+            assert not result.is_error, text_of(result)
+            text = await server.output("from mcptools.hostside import add\nprint(add.add(add.Params(a=20, b=22)))")
+            assert text == "42"
+        await wait_containers_gone(server.case, timeout=15)
+    finally:
+        await force_remove(server.case)
+
+
+async def test_a_placeholder_url_in_the_tool_config_exits_2_naming_it(image: str, tmp_path: Path) -> None:
+    config = tmp_path / "tools.json"
+    url = "http://[YOUR-HOST-IP-ADDRESS]:8000/mcp"
+    config.write_text(json.dumps({"mcpServers": {"github": {"url": url}}}))
+    case = new_case()
+    try:
+        done = _run_mcp(*server_argv(image, case, "--tool-config", str(config))[4:], cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert url in line and "github" in line and "host name or address" in line
+        assert await case_containers(case) == []
+    finally:
+        await force_remove(case)
+
+
+async def test_a_tool_server_that_cannot_start_fails_the_first_call_naming_it(image: str, tmp_path: Path) -> None:
+    server = McpServer(image, "--tool-server", f"broken={sys.executable} -c 'raise SystemExit(7)'", cwd=tmp_path)
+    try:
+        async with server:
+            result = await server.execute("print(1)")
+            assert result.is_error
+            assert "broken" in text_of(result) and "could not start" in text_of(result)
+        await wait_containers_gone(server.case, timeout=15)
+    finally:
+        await force_remove(server.case)
 
 
 # -- stdout, start-up and clean-up -----------------------------------------------------------------
