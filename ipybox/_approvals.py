@@ -147,7 +147,7 @@ class ApprovalDesk:
         route = self._router.pending.get(parent) if parent else None
         if route is None or route.raw or route.done:
             if self.policy is None:
-                self._spawn(self.decide(request, False, ORPHAN, "client"))
+                self._decide_soon(request, ORPHAN)
             else:
                 self._spawn(self._apply(self.policy, request))
             return
@@ -177,10 +177,24 @@ class ApprovalDesk:
             )
         if self._closed is not None:
             raise InvalidStateError(f"the request for {request.name} cannot be decided: {self._closed}")
+        await self._confirmed(request, self._commit(request, approve, reason, by))
+
+    def _commit(
+        self, request: ToolCallRequest, approve: bool, reason: str, by: str
+    ) -> asyncio.Future[tuple[bool, str]]:
+        """Decide `request` here and now (its execution's clock runs again); the sandbox's reply to come."""
         state = ApprovalState.APPROVED if approve else ApprovalState.DENIED
         self._final(request, state, reason, by, keep=True)
         future: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
         self._replies[request.id] = future
+        return future
+
+    def _decide_soon(self, request: ToolCallRequest, reason: str) -> None:
+        """Deny `request` now (seen at once by whoever holds it); the message follows in a task."""
+        if request.state is ApprovalState.PENDING and self._closed is None:
+            self._spawn(self._confirmed(request, self._commit(request, False, reason, "client")))
+
+    async def _confirmed(self, request: ToolCallRequest, future: asyncio.Future[tuple[bool, str]]) -> None:
         await self._transmit(request)
         try:
             accepted, why = await future
@@ -192,8 +206,8 @@ class ApprovalDesk:
 
     def unread(self, request: ToolCallRequest) -> None:
         """An execution read without `events()` reached `request`: nobody will decide it there."""
-        if request.id in self._for_reader and request.state is ApprovalState.PENDING:
-            self._spawn(self.decide(request, False, NO_POLICY, "client"))
+        if request.id in self._for_reader:
+            self._decide_soon(request, NO_POLICY)
 
     async def _apply(self, policy: ApprovalPolicy, request: ToolCallRequest) -> None:
         try:
@@ -229,8 +243,8 @@ class ApprovalDesk:
         for request_id, waiting_in in list(self._routes.items()):
             if waiting_in is route:
                 request = self._requests.get(request_id)
-                if request is not None and request.state is ApprovalState.PENDING:
-                    self._spawn(self.decide(request, False, ENDED, "client"))
+                if request is not None:
+                    self._decide_soon(request, ENDED)
 
     def _final(self, request: ToolCallRequest, state: ApprovalState, reason: str, by: str, keep: bool = False) -> None:
         """Leave PENDING: the execution's clock runs again."""

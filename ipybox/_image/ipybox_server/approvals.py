@@ -108,8 +108,8 @@ async def check(
     if kernel_id is None:
         if _timeouts:  # `kernel_of` drops the kernels that are gone
             raise Refused(
-                f"{_what(kind, server, tool, arguments)} was refused: it comes from a process outside every "
-                "kernel of this sandbox (one that left its kernel's process tree), and approvals are on",
+                "refused: the caller is a process outside every kernel of this sandbox (one that left its "
+                "kernel's process tree), and approvals are on; call tools from a kernel's own processes",
                 "denied",
             )
         return
@@ -132,7 +132,6 @@ async def _ask(
     content = {"id": request_id, "kind": kind, "server": server, "tool": tool, "arguments": arguments}
     decision: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
     _pending[request_id] = _Pending(kernel_id, msg_id, content, decision)
-    what = _what(kind, server, tool, arguments)
     try:
         # No websocket open right now (a client re-opening one after a cut) is no refusal: the request
         # goes to the next one that connects, within the timeout.
@@ -143,7 +142,7 @@ async def _ask(
             why = f"no decision within {timeout:g} s"
             _send_all(kernel_id, "ipybox_approval_expired", {"id": request_id, "reason": why}, msg_id)
             raise Refused(
-                f"{what} was not approved: {why} (the host's approval timeout, ExecutionClient(approval_timeout=...))",
+                f"not approved: {why} (the application's approval timeout, ExecutionClient(approval_timeout=...))",
                 "expired",
             ) from None
         except asyncio.CancelledError:
@@ -154,15 +153,8 @@ async def _ask(
     finally:
         _pending.pop(request_id, None)
     if not approved:
-        raise Refused(f"{what} was denied by the application: {reason or 'no reason given'}", "denied")
-
-
-def _what(kind: str, server: str, tool: str, arguments: dict[str, Any]) -> str:
-    if kind == "shell":
-        command = str(arguments.get("command", ""))
-        short = command if len(command) <= 80 else command[:77] + "..."
-        return f"shell escape {tool} {short!r}"
-    return f"tool call {server}.{tool}"
+        # The caller puts the call's name (server.tool, or the shell escape) before this message.
+        raise Refused(f"denied by the application: {reason or 'no reason given'}", "denied")
 
 
 # -- the host's side: messages on the kernel websockets -------------------------------------------
