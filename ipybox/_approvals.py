@@ -198,7 +198,7 @@ class ApprovalDesk:
         await self._transmit(request)
         try:
             accepted, why = await future
-        except ServerConnectionError as exc:
+        except Exception as exc:  # the connection closed first (`close()`)
             raise InvalidStateError(f"the decision on {request.name} did not reach the sandbox: {exc}") from exc
         if not accepted:
             request.state, request.reason, request.decided_by = ApprovalState.EXPIRED, why, "sandbox"

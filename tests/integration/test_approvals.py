@@ -84,7 +84,10 @@ async def test_the_reader_approves_and_denies(container: ExecutionContainer) -> 
         ]
         assert seen[0].decided_by == "reader"
 
-        code = IMPORTS + f"try:\n    {echo_call('no')}\nexcept ToolDenied as exc:\n    print(type(exc).__name__, exc.reason)"
+        code = (
+            IMPORTS
+            + f"try:\n    {echo_call('no')}\nexcept ToolDenied as exc:\n    print(type(exc).__name__, exc.reason)"
+        )
         execution = await client.submit(code)
         seen = await requests_and_result(execution, lambda request: request.deny("not today"))
         assert (await execution.result()).text == "ToolDenied denied by the application: not today"
@@ -94,13 +97,17 @@ async def test_the_reader_approves_and_denies(container: ExecutionContainer) -> 
 
 async def test_a_request_nobody_decides_expires(container: ExecutionContainer) -> None:
     async with client_for(container, approvals=True, approval_timeout=1) as client:
-        code = IMPORTS + f"try:\n    {echo_call('late')}\nexcept ToolApprovalExpired as exc:\n    print('expired:', exc)"
+        code = (
+            IMPORTS + f"try:\n    {echo_call('late')}\nexcept ToolApprovalExpired as exc:\n    print('expired:', exc)"
+        )
         execution = await client.submit(code)
         started = time.monotonic()
         seen = await requests_and_result(execution)
         result = await execution.result()
     assert 1 <= time.monotonic() - started < 10
-    assert result.text is not None and result.text.startswith("expired: test.echo: not approved: no decision within 1 s")
+    assert result.text is not None and result.text.startswith(
+        "expired: test.echo: not approved: no decision within 1 s"
+    )
     assert seen[0].state is ApprovalState.EXPIRED and seen[0].decided_by == "sandbox"
     with pytest.raises(InvalidStateError, match="expired already by the sandbox .no decision within 1 s"):
         await seen[0].approve()
@@ -206,8 +213,8 @@ async def test_a_caller_outside_every_kernel_is_refused_while_approvals_are_on(
     escape = (
         "import os, subprocess, sys, time\n"
         "script = 'from mcptools.test import ToolDenied, echo\\n"
-        "try:\\n    print(echo.echo(echo.Params(text=\"outside\")))\\n"
-        "except ToolDenied as exc:\\n    print(\"denied:\", exc.reason)\\n'\n"
+        'try:\\n    print(echo.echo(echo.Params(text="outside")))\\n'
+        'except ToolDenied as exc:\\n    print("denied:", exc.reason)\\n\'\n'
         "out = f'/tmp/outside-{os.getpid()}-{time.time_ns()}'\n"
         "env = {**os.environ, 'PYTHONPATH': os.pathsep.join(p for p in sys.path if p)}\n"
         "subprocess.run(['sh', '-c', f'({sys.executable} -c \"$0\" > {out} 2>&1 &)', script], env=env, check=True)\n"
