@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 
 from mcp.server import MCPServer
 from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent
@@ -62,10 +63,11 @@ def tools_description(names: list[str]) -> str:
 """
 
 
-def create_server(sandbox: Sandbox) -> MCPServer:
+def create_server(sandbox: Sandbox, tool_servers: Sequence[str] = ()) -> MCPServer:
+    """The MCP server over `sandbox`; `tool_servers`: the names of its host-side MCP servers (`--tool-server`)."""
     server = MCPServer(name="ipybox", instructions=INSTRUCTIONS)
 
-    @server.tool(description=EXECUTE_DESCRIPTION + tools_description(list(sandbox.options.tool_servers)))
+    @server.tool(description=EXECUTE_DESCRIPTION + tools_description(list(tool_servers)))
     async def execute_ipython_cell(
         code: str, timeout: float = 120, max_output_chars: int | None = None
     ) -> CallToolResult:
@@ -155,7 +157,7 @@ async def serve(options: SandboxOptions, build_if_missing: bool = True) -> None:
             raise
 
     sandbox = Sandbox(options, build=build if build_if_missing else None)
-    server = create_server(sandbox)
+    server = create_server(sandbox, list(options.tool_servers))
     loop = asyncio.get_running_loop()
     shutdown: list[asyncio.Task[None]] = []
 
