@@ -1,8 +1,9 @@
 """MCP client generation against a real MCP server (tests/mcp_server/server.py).
 
 stdio: the server's source is written into the container and started there by the generator and by
-the generated code. Streamable HTTP and SSE: the server runs on this machine, bound to the Docker
-bridge's gateway address, which containers on the default bridge reach.
+the tool service (the generated code calls it by name). Streamable HTTP and SSE: the server runs on
+this machine, bound to the Docker bridge's gateway address, which containers on the default bridge
+reach.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import aiodocker
 import pytest
 
 from ipybox import ExecutionClient, ExecutionContainer, ResourceClient
-from ipybox._errors import RemoteFileNotFoundError, RemotePathError, ResourceError
+from ipybox._errors import InvalidServerParamsError, RemoteFileNotFoundError, RemotePathError, ResourceError
 
 SERVER_DIR = Path(__file__).parent.parent / "mcp_server"
 SERVER_SOURCE = (SERVER_DIR / "server.py").read_text()
@@ -218,9 +219,6 @@ async def test_unreachable_servers_are_422(resource: ResourceClient, gateway: st
         ("/tmp", "srv", STDIO_PARAMS, "relative"),
         ("mcpgen", "not-an-identifier", STDIO_PARAMS, "identifier"),
         ("mcpgen", "class", STDIO_PARAMS, "identifier"),
-        ("mcpgen", "srv", {"url": "http://example.invalid/other"}, "cannot tell the transport"),
-        ("mcpgen", "srv", {"command": "python", "args": "not a list"}, "args"),
-        ("mcpgen", "srv", {"type": "websocket", "url": "ws://x/mcp"}, "unknown"),
     ],
 )
 async def test_refused_requests_are_400(
@@ -230,6 +228,26 @@ async def test_refused_requests_are_400(
         await resource.generate_mcp_sources(relpath, server_name, params)
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"url": "http://example.invalid/other"}, "cannot tell the transport"),
+        ({"command": "python", "args": "not a list"}, "args"),
+        ({"type": "websocket", "url": "ws://x/mcp"}, "unknown"),
+    ],
+)
+async def test_bad_server_params_are_refused_before_sending(
+    resource: ResourceClient, params: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidServerParamsError, match=message):
+        await resource.generate_mcp_sources("mcpgen", "srv", params)
+    # The server refuses them as well (400), for clients that do not check.
+    async with resource._connected().session.post(
+        "/mcp/sources", json={"relpath": "mcpgen", "server_name": "srv", "server_params": params}
+    ) as response:
+        assert response.status == 400 and message in (await response.json())["error"]
+
+
 async def test_get_sources_of_a_missing_package(resource: ResourceClient) -> None:
     with pytest.raises(RemoteFileNotFoundError):
         await resource.get_mcp_sources("mcpgen", "never_generated")
@@ -237,20 +255,37 @@ async def test_get_sources_of_a_missing_package(resource: ResourceClient) -> Non
         await resource.get_mcp_sources("..", "srv")
 
 
+SLOW_SERVER = """
+import asyncio
+from mcp.server.fastmcp import FastMCP
+
+server = FastMCP("slow")
+
+
+@server.tool()
+async def wait(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "waited"
+
+
+server.run("stdio")
+"""
+
+
 async def test_interrupting_a_tool_call_keeps_the_kernel_usable(
     resource: ResourceClient, client: ExecutionClient
 ) -> None:
-    # A stdio "server" that never answers: the call blocks until the kernel is interrupted.
-    await resource.generate_mcp_sources("mcpgen/interrupt", "testsrv", STDIO_PARAMS)
-    await client.execute(
-        "import mcpgen.interrupt.testsrv as pkg\n"
-        "pkg.SERVER_PARAMS.update(command='python', args=['-c', 'import time; time.sleep(60)'])\n"
-        "from mcpgen.interrupt.testsrv.echo import echo, Params"
+    # A tool that takes a minute: the call blocks until the kernel is interrupted. The interrupt closes the
+    # runtime's connection, which cancels the call in the tool service; the server's session stays.
+    await client.execute(f"open('/app/slow_server.py', 'w').write({SLOW_SERVER!r})")
+    await resource.generate_mcp_sources(
+        "mcpgen/interrupt", "slow", {"command": "python", "args": ["/app/slow_server.py"]}
     )
-    execution = await client.submit("echo(Params(text='never'))")
+    await client.execute("from mcpgen.interrupt.slow.wait import wait, Params\nwait(Params(seconds=0))", timeout=60)
+    execution = await client.submit("wait(Params(seconds=60))")
     await asyncio.sleep(2)
     await client.interrupt()
     with pytest.raises(Exception, match="KeyboardInterrupt"):
         await execution.result(timeout=30)
-    result = await client.execute("print('alive')")
-    assert result.text == "alive"
+    result = await client.execute("print('alive', wait(Params(seconds=0)))", timeout=30)
+    assert result.text == "alive waited"

@@ -107,7 +107,7 @@ def _load(source: str, name: str) -> types.ModuleType:
     """Execute a generated tool module as `pkg.<name>` with a stub package and runtime."""
     package = types.ModuleType("pkg")
     package.__path__ = []
-    package.SERVER_PARAMS = {"type": "stdio", "command": "x", "args": []}  # type: ignore[attr-defined]
+    package.SERVER_NAME = "srv"  # type: ignore[attr-defined]
     module = types.ModuleType(f"pkg.{name}")
     module.__package__ = "pkg"
     sys.modules["pkg"], sys.modules[module.__name__] = package, module  # pydantic resolves names there

@@ -1,4 +1,6 @@
-"""The kernel side of generated MCP tools (mcp_runtime), the call helper (mcp_call) and return-value generation."""
+"""The kernel side of generated MCP tools (mcp_runtime), MCP connections (mcp_call) and return-value generation.
+
+The tool service with real sockets and a real stdio server: test_tool_service.py."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from pydantic import BaseModel
 IMAGE_DIR = Path(__file__).parent.parent.parent / "ipybox" / "_image"
 sys.path.insert(0, str(IMAGE_DIR))
 
-from ipybox_server import mcp_call, mcp_generate, mcp_runtime  # noqa: E402
-from ipybox_server.mcp_runtime import ToolCallError, ToolError, tool_value  # noqa: E402
+from ipybox_server import mcp_call, mcp_generate, mcp_runtime, tools  # noqa: E402
+from ipybox_server.mcp_runtime import ToolCallError, ToolError, ToolServerError, tool_value  # noqa: E402
 
 SERVER = Path(__file__).parent.parent / "mcp_server" / "server.py"
 
@@ -54,11 +56,40 @@ def test_errors() -> None:
         tool_value(ok("failed on purpose", {"ignored": 1}, is_error=True), Forecast)
     with pytest.raises(ToolError, match="without a message"):
         tool_value(ok("", is_error=True))
-    with pytest.raises(ToolError, match="^Unknown tool: x$"):
-        tool_value({"error": "Unknown tool: x", "kind": "tool"})
-    with pytest.raises(ToolCallError, match="FileNotFoundError"):
-        tool_value({"error": "FileNotFoundError: no-such-command", "kind": "call"})
+    with pytest.raises(ToolError, match="^srv.x: Unknown tool: x$"):
+        tool_value({"error": "Unknown tool: x", "kind": "tool"}, None, "srv", "x")
+    with pytest.raises(ToolServerError, match="FileNotFoundError"):
+        tool_value({"error": "FileNotFoundError: no-such-command", "kind": "some future kind"})
     assert not issubclass(ToolCallError, ToolError)
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_class"),
+    [
+        ("tool", mcp_runtime.ToolError),
+        ("denied", mcp_runtime.ToolDenied),
+        ("expired", mcp_runtime.ToolApprovalExpired),
+        ("crash", mcp_runtime.ToolServerCrashed),
+        ("unavailable", mcp_runtime.ToolServerError),
+        ("unknown_server", mcp_runtime.ToolServerError),
+        ("timeout", mcp_runtime.ToolTimeout),
+    ],
+)
+def test_each_error_kind_is_its_exception_naming_server_and_tool(kind: str, error_class: type[Exception]) -> None:
+    with pytest.raises(error_class) as info:
+        tool_value({"error": "why", "kind": kind, "server": "srv", "tool": "t"}, None, "srv", "t")
+    assert type(info.value) is error_class
+    assert str(info.value) == "srv.t: why" and info.value.server == "srv" and info.value.tool == "t"
+    assert isinstance(info.value, ToolCallError) and isinstance(info.value, RuntimeError)
+
+
+def test_the_exception_tree() -> None:
+    assert issubclass(mcp_runtime.ToolApprovalExpired, mcp_runtime.ToolDenied)
+    assert issubclass(mcp_runtime.ToolServerCrashed, mcp_runtime.ToolServerError)
+    assert issubclass(mcp_runtime.ToolTimeout, TimeoutError) and issubclass(mcp_runtime.ToolTimeout, ToolCallError)
+    assert issubclass(mcp_runtime.ShellEscapeDenied, PermissionError)
+    assert mcp_runtime.ToolDenied("not today", "s", "t").reason == "not today"
+    assert set(mcp_runtime._ERRORS) == set(tools.CallFailed.KINDS)
 
 
 def test_arguments_only_set_fields_by_alias() -> None:
@@ -82,22 +113,7 @@ def test_the_kernel_side_imports_no_third_party_module() -> None:
     tree = ast.parse((IMAGE_DIR / "ipybox_server" / "mcp_runtime.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
-
-
-def test_helper_answers_for_a_real_stdio_server() -> None:
-    params = {"command": sys.executable, "args": [str(SERVER)]}
-    answer = mcp_call.answer({"server_params": params, "tool_name": "echo", "arguments": {"text": "hi"}})
-    assert answer == ok("hi")  # echo declares no output schema
-    answer = mcp_call.answer({"server_params": params, "tool_name": "stats", "arguments": {"values": [1, 2]}})
-    assert answer["result"]["structured"] == {"count": 2, "total": 3.0}
-    answer = mcp_call.answer({"server_params": params, "tool_name": "fail", "arguments": {}})
-    assert answer["result"]["is_error"] and "the tool failed on purpose" in answer["result"]["text"]
-    answer = mcp_call.answer({"server_params": params, "tool_name": "no-such-tool", "arguments": {}})
-    assert answer.get("kind") == "tool" or answer["result"]["is_error"]  # an MCP error or an error result
-    answer = mcp_call.answer({"server_params": {"command": "no-such-mcp-command"}, "tool_name": "x"})
-    assert answer["kind"] == "call" and "no-such-mcp-command" in answer["error"]
-    assert mcp_call.answer(None)["kind"] == "call"
+    assert {name.partition(".")[0] for name in imported} <= set(sys.stdlib_module_names) | {"__future__"}
 
 
 def test_stdio_servers_get_the_certificate_settings() -> None:
@@ -120,9 +136,9 @@ INPUT = {"type": "object", "properties": {"s": {"type": "string"}}, "required": 
 def _load(source: str, answer: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     package = types.ModuleType("_ipybox_gen")
     package.__path__ = []
-    package.SERVER_PARAMS = {"command": "x"}  # type: ignore[attr-defined]
+    package.SERVER_NAME = "srv"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "_ipybox_gen", package)
-    monkeypatch.setattr(mcp_runtime, "request", lambda *args: answer)
+    monkeypatch.setattr(mcp_runtime, "post", lambda *args: answer)
     module = types.ModuleType("_ipybox_gen.tool")
     module.__package__ = "_ipybox_gen"
     monkeypatch.setitem(sys.modules, "_ipybox_gen.tool", module)  # pydantic resolves annotations there
@@ -168,7 +184,7 @@ def test_an_input_model_named_result_keeps_its_name() -> None:
                     "$defs": {"Result": {"type": "object", "properties": {"x": {"type": "string"}}}}}  # fmt: skip
     source = mcp_generate.tool_module("srv", "t", "t", None, input_schema, WRAPPED_STR)
     assert "class Result(BaseModel):" in source and "class Result_(BaseModel):" in source
-    assert "_call_tool(_SERVER_PARAMS, _TOOL_NAME, params, Result_).result" in source
+    assert "_call_tool(_SERVER_NAME, _TOOL_NAME, params, Result_).result" in source
 
 
 def test_an_unusable_output_schema_gives_json_data(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,7 +200,15 @@ def test_an_unusable_output_schema_gives_json_data(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_package_exports_the_errors() -> None:
-    files = mcp_generate.render_package("srv", {"command": "x"}, [{"name": "echo", "input_schema": INPUT}])
-    assert "from ipybox_server.mcp_runtime import ToolCallError, ToolError" in files["__init__.py"]
-    files = mcp_generate.render_package("srv", {"command": "x"}, [{"name": "ToolError", "input_schema": INPUT}])
-    assert "import ToolCallError\n" in files["__init__.py"]
+    files = mcp_generate.render_package("srv", [{"name": "echo", "input_schema": INPUT}])
+    exported = "ToolApprovalExpired, ToolCallError, ToolDenied, ToolError, ToolServerCrashed, ToolServerError, ToolTimeout"
+    assert f"from ipybox_server.mcp_runtime import {exported}\n" in files["__init__.py"]
+    files = mcp_generate.render_package("srv", [{"name": "ToolError", "input_schema": INPUT}])
+    assert f"import {exported.replace('ToolError, ', '')}\n" in files["__init__.py"]
+
+
+def test_the_package_names_the_server_and_holds_no_params() -> None:
+    files = mcp_generate.render_package("srv", [{"name": "echo", "input_schema": INPUT}])
+    assert "SERVER_NAME = 'srv'\n" in files["__init__.py"] and "PARAMS" not in files["__init__.py"]
+    assert "_call_tool(_SERVER_NAME, _TOOL_NAME, params)" in files["echo.py"]
+    assert "from . import SERVER_NAME as _SERVER_NAME" in files["echo.py"]

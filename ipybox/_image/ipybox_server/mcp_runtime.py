@@ -32,6 +32,7 @@ a refusal raises `ShellEscapeDenied` (a PermissionError).
 
 from __future__ import annotations
 
+import builtins
 import http.client
 import json
 import os
@@ -229,9 +230,8 @@ def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
 def current_msg_id() -> str | None:
     """The msg_id of the execution this code runs in, as the kernel knows it (None outside a kernel)."""
     try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
+        get_ipython = getattr(builtins, "get_ipython", None)  # put there by the running IPython shell
+        shell = get_ipython() if get_ipython is not None else None
         if shell is None:
             return None
         kernel = getattr(shell, "kernel", None)

@@ -108,13 +108,45 @@ _HTTP_PARAMS = {
     },
 }
 
+_SERVER_PARAMS = {"oneOf": [_STDIO_PARAMS, _HTTP_PARAMS]}
+
+_TOOL = {
+    "type": "object",
+    "required": ["name"],
+    "description": "A tool as MCP's tools/list describes it.",
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "description": {"type": "string", "nullable": True},
+        "inputSchema": {"type": "object", "nullable": True},
+        "outputSchema": {"type": "object", "nullable": True},
+    },
+}
+
+_TOOL_SERVER_PATH_NAME = {"name": "name", "in": "path", "required": True, "schema": _SERVER_NAME}
+
+_TOOL_SERVER = {
+    "type": "object",
+    "required": ["where", "pid", "calls"],
+    "properties": {
+        "where": {"type": "string", "enum": ["sandbox", "host"]},
+        "pid": {
+            "type": "integer",
+            "nullable": True,
+            "description": "The process of a running in-sandbox stdio server (diagnostics).",
+        },
+        "starts": {"type": "integer", "description": "How often the server's session was started."},
+        "calls": {"type": "integer"},
+        "connected": {"type": "boolean", "description": "Host-side servers: whether their host is connected."},
+    },
+}
+
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
         "title": "ipybox resource server",
         "version": "1",
         "description": (
-            "Files, directories, module sources and MCP client generation of one ipybox sandbox "
+            "Files, directories, module sources, MCP client generation and the MCP tool service of one ipybox sandbox "
             "(container port 8900, published on 127.0.0.1). Every request needs the container's secret "
             "as `Authorization: token <secret>` and an allowed Host/Origin (a DNS-rebinding guard). "
             'Errors are JSON `{"error": "<message>"}`.'
@@ -264,22 +296,111 @@ SPEC: dict[str, Any] = {
                 ),
             }
         },
+        "/tools/servers": {
+            "get": {
+                "operationId": "listToolServers",
+                "summary": "The MCP servers the tool service knows: in the sandbox and offered by a host.",
+                "responses": _responses(
+                    _json(
+                        "Servers by name.",
+                        {
+                            "type": "object",
+                            "required": ["servers"],
+                            "properties": {"servers": {"type": "object", "additionalProperties": _TOOL_SERVER}},
+                        },
+                    )
+                ),
+            }
+        },
+        "/tools/servers/{name}": {
+            "parameters": [_TOOL_SERVER_PATH_NAME],
+            "put": {
+                "operationId": "registerToolServer",
+                "summary": "Register (or replace) an in-sandbox MCP server for the generated modules' calls.",
+                "description": (
+                    "The parameters stay in the server process's memory, never in a file. The session starts "
+                    "on the first call; replacing a registration closes the old session."
+                ),
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _SERVER_PARAMS}}},
+                "responses": _responses(
+                    _json(
+                        "Registered.",
+                        {
+                            "type": "object",
+                            "required": ["server", "where"],
+                            "properties": {"server": {"type": "string"}, "where": {"type": "string"}},
+                        },
+                    ),
+                    "409",
+                ),
+            },
+            "delete": {
+                "operationId": "unregisterToolServer",
+                "summary": "Unregister an in-sandbox MCP server and close its session.",
+                "responses": _responses(
+                    _json(
+                        "Unregistered.",
+                        {"type": "object", "required": ["server"], "properties": {"server": {"type": "string"}}},
+                    ),
+                    "404",
+                ),
+            },
+        },
+        "/tools/host": {
+            "get": {
+                "operationId": "toolHostWebsocket",
+                "summary": "The websocket a host opens to serve MCP servers that run on the host (ipybox.ToolHost).",
+                "description": (
+                    "A websocket (Upgrade: websocket); a plain GET is refused with 400. JSON text frames: "
+                    'host -> server `{"type": "offer", "servers": [name, ...]}` first, answered with '
+                    '`{"type": "offered", "servers": [...]}` or `{"type": "refused", "error"}` (a name registered '
+                    'in the sandbox is refused); then server -> host `{"type": "call", "id", "server", "tool", '
+                    '"arguments"}` and `{"type": "cancel", "id"}`, host -> server `{"type": "result", "id", '
+                    '"result": {"is_error", "text", "structured"}}` or `{"type": "error", "id", "error", "kind"}`. '
+                    "When the websocket closes, its names fail with kind `unavailable` until offered again."
+                ),
+                "responses": {
+                    "101": {"description": "Switching to the websocket protocol."},
+                    **_responses(_json("Not sent: the answer is 101 or an error.", {"type": "object"})),
+                },
+            }
+        },
         "/mcp/sources": {
             "post": {
                 "operationId": "generateMcpSources",
                 "summary": "Connect to an MCP server from the sandbox; generate /app/<relpath>/<server_name>/.",
+                "description": (
+                    "With `server_params`: lists the server's tools from inside the sandbox, writes the package "
+                    "and registers the server with the tool service (as `PUT /tools/servers/{name}`), so that the "
+                    "generated functions work at once. The package holds no parameters (no env, no headers). "
+                    "With `tools` instead (a host-side server, listed by the host): generates from that list "
+                    "without connecting anywhere, and registers nothing."
+                ),
                 "requestBody": {
                     "required": True,
                     "content": {
                         "application/json": {
                             "schema": {
-                                "type": "object",
-                                "required": ["relpath", "server_name", "server_params"],
-                                "properties": {
-                                    "relpath": {"type": "string"},
-                                    "server_name": _SERVER_NAME,
-                                    "server_params": {"oneOf": [_STDIO_PARAMS, _HTTP_PARAMS]},
-                                },
+                                "oneOf": [
+                                    {
+                                        "type": "object",
+                                        "required": ["relpath", "server_name", "server_params"],
+                                        "properties": {
+                                            "relpath": {"type": "string"},
+                                            "server_name": _SERVER_NAME,
+                                            "server_params": _SERVER_PARAMS,
+                                        },
+                                    },
+                                    {
+                                        "type": "object",
+                                        "required": ["relpath", "server_name", "tools"],
+                                        "properties": {
+                                            "relpath": {"type": "string"},
+                                            "server_name": _SERVER_NAME,
+                                            "tools": {"type": "array", "maxItems": 10000, "items": _TOOL},
+                                        },
+                                    },
+                                ]
                             }
                         }
                     },
@@ -334,7 +455,10 @@ SPEC: dict[str, Any] = {
             "Unauthorized": _error("The token is missing or wrong."),
             "Forbidden": _error("The Host or Origin header is not allowed."),
             "NotFound": _error("Nothing of the requested kind there."),
-            "Conflict": _error("The write clashes with an existing entry of another type."),
+            "Conflict": _error(
+                "The write clashes with an existing entry of another type, or the MCP server name is served by "
+                "a connected host."
+            ),
             "TooLarge": _error("An uploaded archive is over a cap."),
             "Unprocessable": _error("The MCP server could not be reached, failed, or did not answer in time."),
             "NoSpace": _error("A write found /app or /tmp full (the sandbox's size caps); delete files there."),
