@@ -29,6 +29,7 @@ from ipybox._channel import KernelChannel
 from ipybox._errors import (
     ExecutionError,
     ExecutionTimeoutError,
+    ImageError,
     InvalidStateError,
     KernelDiedError,
     ServerConnectionError,
@@ -502,6 +503,14 @@ class ExecutionClient:
         self._transport = transport
         self._router = Router(transport.kernel_id)
         channel = self._channel = KernelChannel(transport, self._router)
+        if self.approvals and not transport.v1:
+            await self.disconnect()
+            raise ImageError(
+                f"the gateway at {transport.base_url} speaks only the legacy websocket protocol; approvals "
+                "need v1.kernel.websocket.jupyter.org (an ipybox image). Rebuild it with `ipybox build`, or "
+                "connect without ExecutionClient(approvals=...)",
+                option="ipybox build",
+            )
         if self.approvals:
             self._desk = ApprovalDesk(self._policy, self.approval_timeout, channel.send_side, self._router)
             channel.on_side = self._desk.receive

@@ -22,7 +22,7 @@ from ipybox.approvals import AllowList
 from ipybox.executor import Execution
 from ipybox.outputs import ApprovalState, Error, ToolCallRequest
 
-from .conftest import session_labels
+from .conftest import ContainerFactory, session_labels
 
 SERVER_SOURCE = Path(__file__).parent.parent / "mcp_server" / "server.py"
 PARAMS = {"command": "/opt/ipybox/venv/bin/python", "args": ["/app/mcp_test_server.py", "stdio"]}
@@ -292,6 +292,24 @@ async def test_an_interrupted_call_withdraws_its_request(container: ExecutionCon
         async with asyncio.timeout(10):
             while request.state is ApprovalState.PENDING:
                 await asyncio.sleep(0.05)
-        assert request.state is ApprovalState.EXPIRED or "ended" in request.reason
+        # The sandbox withdraws it (the caller closed its connection), or the end of the execution
+        # denies it, whichever the host sees first.
+        assert (request.state, request.reason) in {
+            (ApprovalState.EXPIRED, "the caller went away before a decision (interrupted?)"),
+            (ApprovalState.DENIED, "its execution ended before a decision"),
+        }
         with pytest.raises(InvalidStateError):
             await request.approve()
+
+
+async def test_the_first_kernel_of_a_sandbox_and_a_reset_one_are_attributed(make_container: ContainerFactory) -> None:
+    # The pre-started kernel has a provisioner of its own (prewarm.py); a reset kernel a new process.
+    container = await make_container()
+    async with client_for(container, approvals=AllowList(["shell.system"])) as client:
+        assert (await client.execute("!echo first")).text == "first"
+        result = await client.execute("%%bash\necho no", raise_on_error=False)
+        assert result.error is not None and result.error.name == "ShellEscapeDenied"
+        await client.reset()
+        assert (await client.execute("!echo reset")).text == "reset"
+        result = await client.execute("%%bash\necho no", raise_on_error=False)
+        assert result.error is not None and result.error.name == "ShellEscapeDenied"
