@@ -133,7 +133,8 @@ class Execution:
 
         Args:
             timeout: Seconds the code may run, counted from when the kernel starts it (or from this
-                call, if it already started). Waiting for executions submitted earlier does not count.
+                call, if it already started). Waiting for executions submitted earlier does not count,
+                nor does time its calls wait for the application's approval.
                 On expiry the kernel is interrupted (it keeps its state); if the code does not stop
                 within 5 s, the kernel is restarted (its state is lost). Then `TimeoutError` is raised.
             raise_on_error: When the code raised: True raises `ExecutionError`; False returns the
@@ -564,10 +565,10 @@ class ExecutionClient:
 
         Args:
             code: Python code; top-level `await` works.
-            timeout: Seconds the code may run, from when the kernel starts it. On expiry the kernel
-                is interrupted (it keeps its state); if the code ignores the interrupt for 5 s, the
-                kernel is restarted (its state is lost). Then `TimeoutError` is raised; its message
-                says which happened.
+            timeout: Seconds the code may run, from when the kernel starts it (time its calls wait for
+                the application's approval not counted). On expiry the kernel is interrupted (it keeps
+                its state); if the code ignores the interrupt for 5 s, the kernel is restarted (its
+                state is lost). Then `TimeoutError` is raised; its message says which happened.
             max_output_bytes: This execution's output cap; default: the client's. None: no limit.
             raise_on_error: When the code raised: True raises `ExecutionError`; False returns the
                 result with `error` set (name, value, traceback).
