@@ -123,6 +123,7 @@ class _HostServer:
         self.params = params
         self.starts = 0
         self.calls = 0
+        self.running = 0
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -214,6 +215,7 @@ class _HostServer:
 
         client = await self.client()
         self.calls += 1
+        self.running += 1
         try:
             result = await client.call_tool(tool, arguments)
         except MCPError as exc:
@@ -233,6 +235,8 @@ class _HostServer:
             raise _Failed(
                 f"host-side MCP server {self.name!r} failed during the call to {tool!r}: {cause}", "crash"
             ) from exc
+        finally:
+            self.running -= 1
         return {
             "is_error": bool(result.is_error),
             "text": content_text(result),
@@ -354,8 +358,9 @@ class ToolHost:
         return self._ws is not None and not self._ws.closed
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per server: `starts` (sessions started, restarts included) and `calls` (calls answered or tried)."""
-        return {name: {"starts": s.starts, "calls": s.calls} for name, s in self._servers.items()}
+        """Per server: `starts` (sessions started, restarts included), `calls` (calls answered or tried) and
+        `running` (calls in progress; a call the sandbox abandoned is cancelled here)."""
+        return {name: {"starts": s.starts, "calls": s.calls, "running": s.running} for name, s in self._servers.items()}
 
     async def __aenter__(self) -> ToolHost:
         await self.start()

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from ipybox import ExecutionClient, ExecutionContainer
-from ipybox._errors import ExecutionError
+from ipybox import ExecutionClient, ExecutionContainer, ResourceClient
+from ipybox._errors import ExecutionError, ExecutionTimeoutError, InvalidServerParamsError
 from ipybox.tool_host import ToolHost
 from tests.integration.conftest import ContainerFactory
 
@@ -300,3 +300,27 @@ async def test_a_failing_cell_does_not_hide_a_missing_tool_host(
         await tools.generate_mcp_sources()
     with pytest.raises(ExecutionError, match="ToolServerError: once.add: host-side MCP server 'once' is unavailable"):
         await client.execute("from mcptools.once import add\nadd.add(add.Params(a=1, b=1))")
+
+
+async def test_an_interrupted_cell_cancels_its_call_on_the_host(
+    container: ExecutionContainer, client: ExecutionClient
+) -> None:
+    async with ToolHost(container.resource_port, {"patient": host_server()}) as tools:
+        await tools.generate_mcp_sources()
+        with pytest.raises(ExecutionTimeoutError):
+            await client.execute("from mcptools.patient import sleep\nsleep.sleep(sleep.Params(seconds=60))", timeout=3)
+        deadline = time.monotonic() + 10
+        while tools.stats()["patient"]["running"]:
+            assert time.monotonic() < deadline, "the host still runs the call of the interrupted cell"
+            await asyncio.sleep(0.1)
+        assert await output(client, "from mcptools.patient import add\nprint(add.add(add.Params(a=1, b=2)))") == "3"
+
+
+async def test_the_placeholder_url_is_a_client_error_naming_it(container: ExecutionContainer) -> None:
+    """Issue 15 point 5 (the seed's example 10b). Before: RemotePathError from the server's HTTP 400."""
+    url = "http://[YOUR-HOST-IP-ADDRESS]:8000/mcp"
+    async with ResourceClient(port=container.resource_port) as resources:
+        with pytest.raises(InvalidServerParamsError, match=r"YOUR-HOST-IP-ADDRESS.*host name or address"):
+            await resources.generate_mcp_sources("mcpgen", "github", {"url": url})
+    with pytest.raises(InvalidServerParamsError, match="'github'.*YOUR-HOST-IP-ADDRESS"):
+        ToolHost(container.resource_port, {"github": {"url": url}})
