@@ -345,7 +345,6 @@ class ToolHost:
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         self._send_lock = asyncio.Lock()
-        self._lost: str | None = None
 
     @property
     def servers(self) -> list[str]:
@@ -466,7 +465,6 @@ class ToolHost:
             reason = f"{ws.exception()}" if ws.exception() is not None else f"close code {ws.close_code}"
             logger.warning("ToolHost: the connection to the sandbox ended (%s); reconnecting", reason)
             if not await self._reconnect():
-                self._lost = reason
                 logger.error(
                     "ToolHost: the sandbox on port %s cannot be reached again; its calls to %s fail until a new "
                     "ToolHost starts",

@@ -324,3 +324,14 @@ async def test_the_placeholder_url_is_a_client_error_naming_it(container: Execut
             await resources.generate_mcp_sources("mcpgen", "github", {"url": url})
     with pytest.raises(InvalidServerParamsError, match="'github'.*YOUR-HOST-IP-ADDRESS"):
         ToolHost(container.resource_port, {"github": {"url": url}})
+
+
+async def test_a_firewalled_sandbox_still_calls_host_side_tools(make_container: ContainerFactory) -> None:
+    """The calls travel on the connection the host opened: the firewall (no allowed domain) is not in the way
+    (what it blocks is tests/integration/test_firewall.py's)."""
+    container = await make_container()
+    await container.init_firewall([])
+    async with ToolHost(container.resource_port, {"walled": host_server()}) as tools:
+        await tools.generate_mcp_sources()
+        async with ExecutionClient(port=container.executor_port) as client:
+            assert await output(client, "from mcptools.walled import add\nprint(add.add(add.Params(a=4, b=5)))") == "9"
