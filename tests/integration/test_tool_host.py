@@ -335,3 +335,23 @@ async def test_a_firewalled_sandbox_still_calls_host_side_tools(make_container: 
         await tools.generate_mcp_sources()
         async with ExecutionClient(port=container.executor_port) as client:
             assert await output(client, "from mcptools.walled import add\nprint(add.add(add.Params(a=4, b=5)))") == "9"
+
+
+async def test_host_side_calls_are_approved_like_any_other(container: ExecutionContainer) -> None:
+    """A denied call never reaches the host; an allowed one does (the application's policy, issue 15 point 4)."""
+    from ipybox.approvals import AllowList
+
+    async with ToolHost(container.resource_port, {"guarded": host_server()}) as tools:
+        await tools.generate_mcp_sources()
+        async with ExecutionClient(port=container.executor_port, approvals=AllowList(["guarded.add"])) as client:
+            text = await output(
+                client,
+                "from mcptools.guarded import add, pid, ToolDenied\n"
+                "print(add.add(add.Params(a=1, b=1)))\n"
+                "try:\n"
+                "    pid.pid(pid.Params())\n"
+                "except ToolDenied as e:\n"
+                "    print('denied', e.server, e.tool)\n",
+            )
+        assert text == "2\ndenied guarded pid"
+        assert tools.stats()["guarded"]["calls"] == 1
