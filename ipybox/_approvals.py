@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ipybox._errors import ImageError, InvalidStateError, ServerConnectionError
+from ipybox._errors import ImageError, InvalidStateError, RequestRefusedError, ServerConnectionError
 from ipybox._router import Route, Router
 from ipybox.approvals import ApprovalPolicy
 from ipybox.outputs import ApprovalState, ToolCallRequest
@@ -72,6 +72,7 @@ class ApprovalDesk:
 
         Raises:
             ImageError: The sandbox did not confirm: its image predates approvals.
+            RequestRefusedError: The sandbox refused (a timeout it does not take).
             ServerConnectionError: Sending failed.
         """
         self._enabled = asyncio.get_running_loop().create_future()
@@ -81,13 +82,13 @@ class ApprovalDesk:
                 reply = await self._enabled
         except TimeoutError:
             raise ImageError(
-                f"the sandbox did not confirm approvals within {ENABLE_TIMEOUT:g} s: its image predates "
-                "them (ipybox 15+ images have them). Rebuild it with `ipybox build`, or connect without "
+                f"the sandbox did not confirm approvals within {ENABLE_TIMEOUT:g} s: its image was built by "
+                "an ipybox without them. Rebuild it with `ipybox build`, or connect without "
                 "ExecutionClient(approvals=...)",
                 option="ipybox build",
             ) from None
         if reply.get("error") or reply.get("enabled") is not True:
-            raise ServerConnectionError(f"the sandbox refused to turn approvals on: {reply.get('error')}")
+            raise RequestRefusedError(f"the sandbox refused to turn approvals on: {reply.get('error')}")
 
     def close(self, error: Exception) -> None:
         """The connection is gone: requests still open expire, waiting decisions fail with `error`."""

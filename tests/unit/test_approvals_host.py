@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ipybox import InvalidStateError
+from ipybox import ImageError, InvalidStateError, RequestRefusedError
 from ipybox._approvals import ENDED, NO_POLICY, ORPHAN, ApprovalDesk
 from ipybox._router import IDLE, RELEASED, STARTED, Router
 from ipybox.approvals import AllowList
@@ -283,3 +283,15 @@ async def test_a_policy_per_execution_needs_approvals_on() -> None:
     client = ExecutionClient(port=1)
     with pytest.raises(ValueError, match="approve=... needs a client with approvals on"):
         await client.submit("1", approve=AllowList(["x"]))
+
+
+async def test_a_sandbox_that_does_not_confirm_approvals_is_an_old_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ipybox._approvals.ENABLE_TIMEOUT", 0.05)
+    with pytest.raises(ImageError, match="Rebuild it with `ipybox build`"):
+        await Desk().desk.enable()
+    d = Desk()
+    enabling = asyncio.ensure_future(d.desk.enable())
+    await settle()
+    d.desk.receive({"msg_type": "ipybox_approvals_reply", "content": {"enabled": False, "error": "timeout must be"}})
+    with pytest.raises(RequestRefusedError, match="refused to turn approvals on: timeout must be"):
+        await enabling

@@ -153,8 +153,9 @@ async def _ask(
     finally:
         _pending.pop(request_id, None)
     if not approved:
-        # The caller puts the call's name (server.tool, or the shell escape) before this message.
-        raise Refused(f"denied by the application: {reason or 'no reason given'}", "denied")
+        # The message is the application's reason as it gave it (the kernel's runtime puts the call's
+        # name before it, and keeps it as `ToolDenied.reason`).
+        raise Refused(reason or "denied by the application (no reason given)", "denied")
 
 
 # -- the host's side: messages on the kernel websockets -------------------------------------------
