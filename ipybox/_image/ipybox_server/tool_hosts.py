@@ -39,7 +39,7 @@ HEARTBEAT = 20.0
 MAX_MESSAGE = 64 * 1024 * 1024
 """The largest frame either side takes: a tool result of this size still arrives whole."""
 MAX_SERVERS = 100
-ANSWER_KINDS = frozenset({"tool", "crash", "unavailable", "timeout"})
+ANSWER_KINDS = frozenset({"tool", "crash", "unavailable", "timeout", "unknown_server"})
 """Error kinds a host may answer with; anything else is reported as "unavailable"."""
 
 
@@ -200,8 +200,7 @@ def _in_sandbox(name: str) -> bool:
     # The in-sandbox registry is the tool service's (tools.py imports this module, hence the late import).
     from ipybox_server import tools
 
-    registered = getattr(tools, "registered_in_sandbox", None)
-    return bool(registered(name)) if callable(registered) else False
+    return tools.registered_in_sandbox(name)
 
 
 async def _first_message(ws: web.WebSocketResponse) -> Any:
@@ -232,6 +231,7 @@ async def host_websocket(request: web.Request) -> web.StreamResponse:
         await ws.send_str(json.dumps({"type": "refused", "error": str(exc)}))
         await ws.close()
         return ws
+    logger.info("a host connection from %s serves %s", connection.peer, ", ".join(names))
     for name in names:
         previous = _served.get(name)
         if previous is not None:
