@@ -31,6 +31,7 @@ import aiohttp
 from ipybox._errors import (
     AuthenticationError,
     InvalidStateError,
+    IpyboxError,
     ServerConnectionError,
     ToolHostError,
 )
@@ -479,7 +480,7 @@ class ToolHost:
             try:
                 self._ws = await self._open()
                 return True
-            except (ServerConnectionError, ToolHostError, AuthenticationError) as exc:
+            except IpyboxError as exc:  # refused, unreachable, or no answer to the offer: try again
                 logger.info("ToolHost: reconnecting failed: %s", exc)
         return False
 
@@ -566,8 +567,9 @@ class ToolHost:
                 await ws.close()
             if reader is not None:
                 reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                # gather: the reader's end (cancelled, or a failure it logged) is not ours to raise; our own
+                # cancellation still is.
+                await asyncio.gather(reader, return_exceptions=True)
         finally:
             try:
                 if self._resources is not None:
