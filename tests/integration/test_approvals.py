@@ -313,3 +313,23 @@ async def test_the_first_kernel_of_a_sandbox_and_a_reset_one_are_attributed(make
         assert (await client.execute("!echo reset")).text == "reset"
         result = await client.execute("%%bash\necho no", raise_on_error=False)
         assert result.error is not None and result.error.name == "ShellEscapeDenied"
+
+
+async def test_a_call_after_its_cell_ended_is_decided_by_the_client_policy_only(container: ExecutionContainer) -> None:
+    start_late_call = (
+        IMPORTS
+        + "import threading, time\nanswers = []\n"
+        + f"def late():\n    time.sleep(1)\n    try:\n        answers.append({echo_call('late')})\n"
+        + "    except ToolDenied as exc:\n        answers.append(exc.reason)\n"
+        + "worker = threading.Thread(target=late)\nworker.start()"
+    )
+    # The call comes while no execution runs (one running would be named by the kernel as the call's).
+    async with client_for(container, approvals=True) as client:
+        await client.execute(start_late_call)
+        await asyncio.sleep(2.5)
+        text = (await client.execute("worker.join(10); print(answers)")).text
+    assert text is not None and text.startswith("['its execution is not running (the call came from code that outlived")
+    async with client_for(container, approvals=AllowList(["test.echo"])) as client:
+        await client.execute(start_late_call)
+        await asyncio.sleep(2.5)
+        assert (await client.execute("worker.join(10); print(answers)")).text == "['late']"
