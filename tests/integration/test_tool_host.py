@@ -58,6 +58,8 @@ async def test_cells_call_host_side_servers_through_generated_modules(
         "hostside": host_server(),
     }
     async with ToolHost(container.resource_port, servers) as tools:
+        # The websocket takes ResourceClient's verified route (here: the server's own unix socket).
+        assert tools._resources is not None and tools._resources._via.startswith("unix socket"), tools._resources._via
         modules = await tools.generate_mcp_sources()
         assert "echo" in modules["repo"] and "get_weather" in modules["repo"] and "add" in modules["hostside"]
         text = await output(
