@@ -6,6 +6,8 @@
 - `uvx mcp-server-time==2026.10.19` (PyPI) and `npx -y @modelcontextprotocol/server-everything@2026.8.31`
   (npm), fetched from the registries inside the container.
 
+The uvx and npx servers keep one process for 20 calls (the tool service's session, `GET /tools/servers`).
+
 Return values (docs/mcp-generation.md): text for tools without an output schema, the typed value for
 tools with one (unwrapped for `-> str`/`-> int` tools), `ToolError` for an error result.
 Needs the two-environment image (uv, uvx, npx, mcp 1.x in the user environment).
@@ -14,6 +16,7 @@ Needs the two-environment image (uv, uvx, npx, mcp 1.x in the user environment).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -203,6 +206,12 @@ async def test_uvx_server(resource: ResourceClient, client: ExecutionClient) -> 
     lines = (result.text or "").splitlines()
     assert lines[0] == "Result UTC"  # the tool declares an output schema: a typed value
     assert lines[1].startswith("ToolError ") and "Mars/Olympus" in lines[1]
+    await _same_process_for_20_calls(
+        resource,
+        client,
+        "timesrv",
+        "all(g.get_current_time(g.Params(timezone='UTC')).timezone == 'UTC' for _ in range(20))",
+    )
 
 
 async def test_npx_server(resource: ResourceClient, client: ExecutionClient) -> None:
@@ -213,3 +222,23 @@ async def test_npx_server(resource: ResourceClient, client: ExecutionClient) -> 
         "from mcpreal.everything import echo\nprint(echo.echo(echo.Params(message='hi')))", timeout=120
     )
     assert result.text == "Echo: hi"
+    await _same_process_for_20_calls(
+        resource, client, "everything", "all(echo.echo(echo.Params(message=str(i))) == f'Echo: {i}' for i in range(20))"
+    )
+
+
+async def _same_process_for_20_calls(resource: ResourceClient, client: ExecutionClient, name: str, calls: str) -> None:
+    """The tool service keeps the server running between calls (issue 15): 20 more, one process."""
+
+    async def described() -> dict[str, Any]:
+        async with resource._connected().session.get("/tools/servers") as response:
+            assert response.status == 200
+            servers: dict[str, Any] = (await response.json())["servers"]
+            return servers[name]
+
+    before = await described()
+    assert isinstance(before["pid"], int)
+    result = await client.execute(f"print({calls})", timeout=120)
+    assert result.text == "True"
+    after = await described()
+    assert (after["pid"], after["starts"], after["calls"]) == (before["pid"], before["starts"], before["calls"] + 20)

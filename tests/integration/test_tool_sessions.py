@@ -282,3 +282,17 @@ async def test_shell_escapes_still_run_and_expand_variables(client: ExecutionCli
     assert result.text == "bash-3"
     result = await client.execute("%%script sh\necho script-sh")
     assert result.text == "script-sh"
+
+
+async def test_calls_carry_the_msg_id_of_their_execution(client: ExecutionClient) -> None:
+    # The tool service passes it on to an application approving the call, to name the execution.
+    execution = await client.submit(
+        "import threading\n"
+        "from ipybox_server import mcp_runtime\n"
+        "seen = [mcp_runtime.current_msg_id()]\n"
+        "thread = threading.Thread(target=lambda: seen.append(mcp_runtime.current_msg_id()))\n"
+        "thread.start(); thread.join()\n"
+        "print(*seen)"
+    )
+    result = await execution.result(timeout=30)
+    assert (result.text or "").split() == [execution.msg_id, execution.msg_id]

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -326,3 +327,43 @@ def test_the_runtime_reconnects_after_the_server_closed_an_idle_connection(servi
     assert connection.sock is not None
     connection.sock.shutdown(socket.SHUT_RDWR)  # as if the server had dropped it
     assert call_tool("testsrv", "echo", {"text": "b"}) == "b"
+
+
+def _http_server(port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, str(TEST_SERVER), "streamable-http", "127.0.0.1", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("the test MCP server did not listen") from None
+            time.sleep(0.1)
+
+
+def test_an_http_server_that_went_away_fails_calls_until_it_is_back(service: Service) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    service.register("remote", {"url": f"http://127.0.0.1:{port}/mcp", "headers": {"X-Test": "1"}})
+    process = _http_server(port)
+    try:
+        assert call_tool("remote", "echo", {"text": "up"}) == "up"
+        process.kill()
+        process.wait()
+        with pytest.raises(ToolServerError, match=r"^remote\.echo: "):
+            call_tool("remote", "echo", {"text": "down"})
+        with pytest.raises(ToolServerError, match=r"^remote\.echo: "):
+            call_tool("remote", "echo", {"text": "still down"})
+        process = _http_server(port)
+        assert call_tool("remote", "echo", {"text": "back"}) == "back"
+        assert service.server("remote")["pid"] is None
+    finally:
+        process.kill()
+        process.wait()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ipybox_server import mcp_params
+from ipybox_server.token import protect_process
 
 MAX_NAME_LENGTH = 100
 LIST_TIMEOUT = 120.0
@@ -872,6 +873,9 @@ async def generate(
 
 
 def main() -> None:
+    # Before the request (with the server's env or headers) is read: a non-dumpable process's memory,
+    # environment and command line are out of reach of the kernels, which run as the same user.
+    protect_process()
     answer = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # stray prints of libraries must not corrupt the answer
     sys.stdout = sys.stderr

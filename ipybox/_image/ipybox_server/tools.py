@@ -36,6 +36,7 @@ import keyword
 import logging
 import os
 import tempfile
+from contextlib import AsyncExitStack
 from typing import IO, Any
 
 from aiohttp import web
@@ -214,44 +215,47 @@ class ToolServer:
     async def _own(self, connection: _Connection, errlog: IO[bytes]) -> None:
         """Owns one session from start to end: enters `connect`, waits until told to stop or until the
         stdio server's process has gone, then leaves it (the SDK then stops the server's process group)."""
-        from ipybox_server.mcp_call import connect, leaf_exception
+        from ipybox_server.mcp_call import connect
 
         try:
-            async with asyncio.timeout(START_TIMEOUT):
-                stack = connect(self.params, errlog)
-                client = await stack.__aenter__()
-        except BaseException as exc:
-            connection.stop.set()
-            if isinstance(exc, TimeoutError):
-                message = f"MCP server {self.name!r} did not start and initialize within {START_TIMEOUT:g} s"
-            else:
-                leaf = leaf_exception(exc)
-                reason = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
-                message = f"MCP server {self.name!r} could not be started or reached: {reason}"
-            tail = self._stderr_tail()
-            failure = CallFailed(f"{message}; server stderr: {tail}" if tail else message, "unavailable")
-            connection.ready.set_exception(failure)
-            connection.ready.exception()  # retrieved: no "never retrieved" warning when no caller waits
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        connection.client = client
-        if self.params["type"] == mcp_params.STDIO:
-            connection.pid = _child_pid_with_stderr(errlog)
-        connection.ready.set_result(None)
-        try:
-            while not connection.stop.is_set():
+            async with AsyncExitStack() as stack:
                 try:
-                    await asyncio.wait_for(connection.stop.wait(), WATCH_INTERVAL)
-                except TimeoutError:
-                    if connection.pid is not None and not _running(connection.pid):
-                        break
+                    async with asyncio.timeout(START_TIMEOUT):
+                        connection.client = await stack.enter_async_context(connect(self.params, errlog))
+                except BaseException as exc:
+                    connection.ready.set_exception(self._start_failure(exc))
+                    connection.ready.exception()  # retrieved: no "never retrieved" warning when no caller waits
+                    raise
+                if self.params["type"] == mcp_params.STDIO:
+                    connection.pid = _child_pid_with_stderr(errlog)
+                connection.ready.set_result(None)
+                await self._watch(connection)
+        except Exception:
+            # A start that failed (its callers have the reason), or a transport that broke under the
+            # session (its calls failed with kind "crash").
+            logger.debug("the session of MCP server %r ended", self.name, exc_info=True)
         finally:
             connection.stop.set()
+
+    async def _watch(self, connection: _Connection) -> None:
+        while not connection.stop.is_set():
             try:
-                await stack.__aexit__(None, None, None)
-            except Exception:
-                logger.debug("closing the session of MCP server %r failed", self.name, exc_info=True)
+                await asyncio.wait_for(connection.stop.wait(), WATCH_INTERVAL)
+            except TimeoutError:
+                if connection.pid is not None and not _running(connection.pid):
+                    return
+
+    def _start_failure(self, exc: BaseException) -> CallFailed:
+        from ipybox_server.mcp_call import leaf_exception
+
+        if isinstance(exc, TimeoutError):
+            message = f"MCP server {self.name!r} did not start and initialize within {START_TIMEOUT:g} s"
+        else:
+            leaf = leaf_exception(exc)
+            reason = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+            message = f"MCP server {self.name!r} could not be started or reached: {reason}"
+        tail = self._stderr_tail()
+        return CallFailed(f"{message}; server stderr: {tail}" if tail else message, "unavailable")
 
     def _discard(self, connection: _Connection) -> None:
         """Stop `connection` (only that one: a newer session another call started stays)."""
