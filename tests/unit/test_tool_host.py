@@ -209,6 +209,22 @@ async def test_a_name_registered_in_the_sandbox_is_refused(port: int) -> None:
         await tools.unregister(name)
 
 
+async def test_an_offered_name_cannot_be_registered_in_the_sandbox_until_its_host_leaves(port: int) -> None:
+    name = unique("held")
+    params = {"command": "true"}
+    async with aiohttp.ClientSession(headers={"Authorization": f"token {TOKEN}"}) as session:
+        url = f"http://127.0.0.1:{port}/tools/servers/{name}"
+        async with ToolHost(port, {name: host_server()}, "127.0.0.1", token=TOKEN):
+            async with session.put(url, json=params) as response:
+                assert response.status == 409 and "served by the host" in (await response.json())["error"]
+        async with session.put(url, json=params) as response:
+            assert response.status == 200
+    try:
+        assert not tool_hosts.serves(name) and tools.registered_in_sandbox(name)
+    finally:
+        await tools.unregister(name)
+
+
 async def test_a_newer_offer_of_a_name_takes_it_over(port: int) -> None:
     name = unique("twice")
     async with ToolHost(port, {name: host_server(IPYBOX_HOST_MARKER="first")}, "127.0.0.1", token=TOKEN):
