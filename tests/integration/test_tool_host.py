@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -93,6 +95,61 @@ async def test_cells_call_host_side_servers_through_generated_modules(
         )
         assert text == "True 1"
         assert tools.stats()["hostside"]["starts"] == 1
+
+
+@pytest.fixture
+def loopback_http_server() -> Any:
+    """The repository's test server over streamable HTTP on the host's 127.0.0.1: out of the sandbox's reach."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, str(TEST_SERVER), "streamable-http", "127.0.0.1", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "the HTTP test server did not start"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def test_an_http_server_only_the_host_reaches(
+    container: ExecutionContainer, client: ExecutionClient, loopback_http_server: str
+) -> None:
+    marker = "headermarker" + os.urandom(12).hex()
+    params = {"url": loopback_http_server, "headers": {"X-Ipybox-Test": marker}}
+    async with ToolHost(container.resource_port, {"remote": params}) as tools:
+        await tools.generate_mcp_sources()
+        text = await output(
+            client,
+            "from mcptools.remote.echo import Params, echo\n"
+            "print(echo(Params(text='over http, from the host')))\n"
+            "import urllib.request\n"
+            "try:\n"
+            f"    urllib.request.urlopen({loopback_http_server[::-1]!r}[::-1], timeout=3)\n"  # not in the source
+            "    print('reached')\n"
+            "except OSError as e:\n"
+            "    print('unreachable')\n",
+        )
+        assert text == "over http, from the host\nunreachable"
+        reversed_markers = f"[m[::-1] for m in {[marker[::-1], loopback_http_server[::-1]]!r}]"
+        found = json.loads(await output(client, MARKER_SCAN.replace("MARKERS", reversed_markers), timeout=300))
+        assert found[marker] == [], "the header reached the sandbox"
+        assert found[loopback_http_server] == [], "the server's URL reached the sandbox"
 
 
 async def test_an_npm_server_on_the_host(container: ExecutionContainer, client: ExecutionClient) -> None:
