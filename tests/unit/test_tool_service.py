@@ -367,3 +367,31 @@ def test_an_http_server_that_went_away_fails_calls_until_it_is_back(service: Ser
     finally:
         process.kill()
         process.wait()
+
+
+def test_registering_again_keeps_the_session_unless_the_params_change(unruly: Service, tmp_path: Path) -> None:
+    first = call_tool("unruly", "pid", {})
+    unruly.register("unruly", {"command": sys.executable, "args": [str(tmp_path / "unruly.py")]})  # generated again
+    assert call_tool("unruly", "pid", {}) == first
+    unruly.register("unruly", {"command": sys.executable, "args": [str(tmp_path / "unruly.py")], "env": {"A": "1"}})
+    assert call_tool("unruly", "pid", {}) != first
+    assert unruly.server("unruly")["starts"] == 1  # a new registration: its own count
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{first}") and time.monotonic() < deadline:
+        time.sleep(0.1)  # the replaced session's server is stopped
+    assert not os.path.exists(f"/proc/{first}")
+
+
+def test_a_servers_stderr_is_kept_as_a_bounded_tail_in_memory(service: Service) -> None:
+    async def write_and_read() -> str:
+        tail = tools.StderrTail()
+        try:
+            for index in range(1000):  # as a server that logs every call: 1000 lines, ~30 kB
+                tail.file.write(f"log line {index:05d} of a chatty server\n".encode())
+            await asyncio.sleep(0.1)
+            return tail.text()
+        finally:
+            tail.close()
+
+    text = service.run(write_and_read())
+    assert len(text) <= tools.StderrTail.LIMIT and text.endswith("log line 00999 of a chatty server")

@@ -35,7 +35,6 @@ import json
 import keyword
 import logging
 import os
-import tempfile
 from contextlib import AsyncExitStack
 from typing import IO, Any
 
@@ -126,6 +125,51 @@ def _running(pid: int) -> bool:
     return fields[0] != "Z" and fields[1] == str(os.getpid())
 
 
+class StderrTail:
+    """A stdio server's stderr: a pipe whose last `LIMIT` bytes are kept in memory, for error messages.
+
+    Not a file: a server that logs every call would fill /tmp (size-capped) with an unlinked file no one
+    can see. The pipe is read on the loop as the server writes.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self._read_fd = read_fd
+        self.file: IO[bytes] = os.fdopen(write_fd, "wb", buffering=0)  # given to the server as its stderr
+        self._tail = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(read_fd, self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._read_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._loop.remove_reader(self._read_fd)
+                return
+            self._tail += chunk
+            del self._tail[: -self.LIMIT]
+
+    def text(self) -> str:
+        if self._read_fd >= 0:
+            self._drain()
+        return self._tail.decode("utf-8", "replace").strip()
+
+    def close(self) -> None:
+        self.file.close()
+        if self._read_fd >= 0:
+            self._loop.remove_reader(self._read_fd)
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+
 class ToolServer:
     """An in-sandbox MCP server: its parameters (in memory only) and its one session.
 
@@ -139,7 +183,7 @@ class ToolServer:
         self.starts = 0
         self.calls = 0
         self._connection: _Connection | None = None
-        self._errlog: IO[bytes] | None = None
+        self._stderr: StderrTail | None = None
         self._closed = False
 
     @property
@@ -188,9 +232,7 @@ class ToolServer:
         return f"{message}; server stderr: {tail}" if tail else message
 
     def _stderr_tail(self) -> str:
-        from ipybox_server.mcp_call import stderr_tail
-
-        return stderr_tail(self._errlog) if self._errlog is not None else ""
+        return self._stderr.text() if self._stderr is not None else ""
 
     async def _connected(self) -> _Connection:
         connection = self._connection
@@ -204,10 +246,10 @@ class ToolServer:
 
     def _start(self) -> _Connection:
         connection = _Connection()
-        if self._errlog is not None:
-            self._errlog.close()
-        self._errlog = tempfile.TemporaryFile()  # the server's stderr, for error messages; unlinked at once
-        connection.task = asyncio.create_task(self._own(connection, self._errlog), name=f"mcp-server-{self.name}")
+        if self._stderr is not None:
+            self._stderr.close()
+        self._stderr = StderrTail()
+        connection.task = asyncio.create_task(self._own(connection, self._stderr.file), name=f"mcp-server-{self.name}")
         self._connection = connection
         self.starts += 1
         return connection
@@ -270,9 +312,9 @@ class ToolServer:
             self._discard(connection)
             if connection.task is not None:
                 await asyncio.gather(connection.task, return_exceptions=True)
-        if self._errlog is not None:
-            self._errlog.close()
-            self._errlog = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
 
 _servers: dict[str, ToolServer] = {}
@@ -291,7 +333,9 @@ def registered_in_sandbox(name: str) -> bool:
 
 
 def register(name: str, params: dict[str, Any]) -> None:
-    """Serve in-sandbox server `name` with normalized `params` from now on (replaces a registration).
+    """Serve in-sandbox server `name` with normalized `params` from now on.
+
+    A registration with other params is replaced (its session closed); with the same params it stays.
 
     Raises:
         web.HTTPConflict: a connected host serves that name.
@@ -304,6 +348,8 @@ def register(name: str, params: dict[str, Any]) -> None:
         )
     tool_hosts.forget(name)  # a host that offered it once and left
     old = _servers.get(name)
+    if old is not None and old.params == params:
+        return  # the same server (generated again): its session goes on
     _servers[name] = ToolServer(name, params)
     if old is not None:
         task = asyncio.ensure_future(old.close())
