@@ -201,7 +201,9 @@ def test_an_unusable_output_schema_gives_json_data(monkeypatch: pytest.MonkeyPat
 
 def test_the_package_exports_the_errors() -> None:
     files = mcp_generate.render_package("srv", [{"name": "echo", "input_schema": INPUT}])
-    exported = "ToolApprovalExpired, ToolCallError, ToolDenied, ToolError, ToolServerCrashed, ToolServerError, ToolTimeout"
+    exported = (
+        "ToolApprovalExpired, ToolCallError, ToolDenied, ToolError, ToolServerCrashed, ToolServerError, ToolTimeout"
+    )
     assert f"from ipybox_server.mcp_runtime import {exported}\n" in files["__init__.py"]
     files = mcp_generate.render_package("srv", [{"name": "ToolError", "input_schema": INPUT}])
     assert f"import {exported.replace('ToolError, ', '')}\n" in files["__init__.py"]
