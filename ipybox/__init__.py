@@ -15,6 +15,7 @@ from ipybox._errors import (
     FirewallError,
     ImageError,
     ImageNotFoundError,
+    InvalidServerParamsError,
     InvalidStateError,
     IpyboxError,
     KernelDiedError,
@@ -25,17 +26,35 @@ from ipybox._errors import (
     RequestRefusedError,
     ResourceError,
     ServerConnectionError,
+    ToolHostError,
     TransferStalledError,
 )
 from ipybox._version import __version__
+from ipybox.approvals import AllowList, ApprovalPolicy
 from ipybox.container import DEFAULT_TAG, ExecutionContainer
 from ipybox.executor import ClientState, Execution, ExecutionClient, ExecutionResult
-from ipybox.outputs import Clear, Display, Error, ErrorInfo, Event, Output, Result, Stderr, Stdout
+from ipybox.outputs import (
+    ApprovalState,
+    Clear,
+    Display,
+    Error,
+    ErrorInfo,
+    Event,
+    Output,
+    Result,
+    Stderr,
+    Stdout,
+    ToolCallRequest,
+)
 from ipybox.pool import Sandbox, SandboxPool
 from ipybox.resource.client import ResourceClient
+from ipybox.tool_host import ToolHost
 
 __all__ = [
     "DEFAULT_TAG",
+    "AllowList",
+    "ApprovalPolicy",
+    "ApprovalState",
     "ArchiveError",
     "AuthenticationError",
     "BuildError",
@@ -60,6 +79,7 @@ __all__ = [
     "FirewallError",
     "ImageError",
     "ImageNotFoundError",
+    "InvalidServerParamsError",
     "InvalidStateError",
     "IpyboxError",
     "KernelDiedError",
@@ -77,6 +97,9 @@ __all__ = [
     "ServerConnectionError",
     "Stderr",
     "Stdout",
+    "ToolCallRequest",
+    "ToolHost",
+    "ToolHostError",
     "TransferStalledError",
     "__version__",
 ]

@@ -11,6 +11,8 @@ def test_all_is_sorted_and_matches_public_namespace() -> None:
         "pool",
         "outputs",
         "mcp_server",
+        "approvals",
+        "tool_host",
     }
     exported = set(ipybox.__all__) - {"__version__"}
     assert public == exported
