@@ -78,18 +78,19 @@ _SERVER_NAME = {
 # A dotted Python name; the server accepts any `str.isidentifier()` parts, non-ASCII ones too.
 _MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
-_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True}
 
+# As mcp_params.normalize accepts them (null stands for absent where it does).
 _STDIO_PARAMS = {
     "type": "object",
     "required": ["command"],
     "additionalProperties": False,
     "properties": {
-        "type": {"type": "string", "enum": ["stdio"]},
-        "command": {"type": "string", "minLength": 1},
+        "type": {"type": "string", "enum": ["stdio", None], "nullable": True},
+        "command": {"type": "string", "minLength": 1, "pattern": "^[^\\x00]+$"},
         "args": {"type": "array", "items": {"type": "string"}},
         "env": _STRING_MAP,
-        "cwd": {"type": "string"},
+        "cwd": {"type": "string", "nullable": True},
     },
 }
 
@@ -98,14 +99,19 @@ _HTTP_PARAMS = {
     "required": ["url"],
     "additionalProperties": False,
     "properties": {
-        "type": {"type": "string", "enum": ["streamable_http", "sse"]},
+        "type": {"type": "string", "enum": ["streamable_http", "sse", None], "nullable": True},
         "url": {
             "type": "string",
-            "pattern": "^https?://",
+            "pattern": "^https?://[^\\s/?#:@]",
             "description": "Without `type`, a URL containing `/mcp` means streamable HTTP and `/sse` SSE.",
         },
         "headers": _STRING_MAP,
     },
+    # The transport must be told or be found in the URL.
+    "anyOf": [
+        {"required": ["type"], "properties": {"type": {"type": "string"}}},
+        {"properties": {"url": {"pattern": "/(mcp|sse)"}}},
+    ],
 }
 
 _SERVER_PARAMS = {"oneOf": [_STDIO_PARAMS, _HTTP_PARAMS]}
