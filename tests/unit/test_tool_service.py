@@ -309,9 +309,9 @@ def test_host_served_names_go_to_tool_hosts(service: Service, monkeypatch: pytes
 
 def test_malformed_requests_are_400(service: Service) -> None:
     for body in ({"server": 1, "tool": "x"}, {"server": "s", "tool": "t", "arguments": []}, {"timeout": -1}):
-        with pytest.raises(OSError, match="answered 400"):
+        with pytest.raises(mcp_runtime.ServiceRefused, match="answered 400"):
             mcp_runtime.post("/call", {"server": "s", "tool": "t", **body})
-    with pytest.raises(OSError, match="answered 404"):
+    with pytest.raises(mcp_runtime.ServiceRefused, match="answered 404"):
         mcp_runtime.post("/nothing", {})
 
 

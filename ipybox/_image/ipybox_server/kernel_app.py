@@ -234,9 +234,9 @@ def approve_shell_escapes() -> None:
     system = ipykernel.zmqshell.system  # what ZMQInteractiveShell.system_piped runs, the command expanded
     if not getattr(system, "ipybox_approved", False):
 
-        def approved_system(cmd: str) -> int:
+        def approved_system(cmd: str) -> Any:
             mcp_runtime.ask_shell("system", cmd)
-            return int(system(cmd))
+            return system(cmd)
 
         approved_system.ipybox_approved = True  # type: ignore[attr-defined]
         ipykernel.zmqshell.system = approved_system  # type: ignore[attr-defined]

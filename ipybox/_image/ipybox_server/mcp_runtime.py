@@ -103,6 +103,10 @@ class ShellEscapeDenied(PermissionError):
     """
 
 
+class ServiceRefused(Exception):
+    """The tool service answered with an error status (not a call's outcome: those are 200)."""
+
+
 _ERRORS: dict[str, type[ToolCallError]] = {
     "tool": ToolError,
     "denied": ToolDenied,
@@ -197,6 +201,7 @@ def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
         OSError: the socket cannot be reached (no tool service in this process tree).
+        ServiceRefused: an answer other than 200 (a malformed request, or a bug in the service).
     """
     data = json.dumps(body)
     for _attempt in range(2):
@@ -222,7 +227,9 @@ def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
         except ValueError:
             answer = {}
         if response.status != 200:
-            raise OSError(f"the tool service answered {response.status}: {answer.get('error') or payload[:200]!r}")
+            raise ServiceRefused(
+                f"the tool service answered {response.status}: {answer.get('error') or payload[:200]!r}"
+            )
         return answer
     raise AssertionError("unreachable")
 
@@ -269,6 +276,8 @@ def call_tool(server_name: str, tool_name: str, params: Any, output: Any = None)
     }
     try:
         answer = post("/call", body)
+    except ServiceRefused as exc:
+        raise ToolServerError(str(exc), server_name, tool_name) from exc
     except OSError as exc:
         raise ToolServerError(
             f"ipybox's tool service at {TOOLS_SOCKET} cannot be reached ({type(exc).__name__}: {exc}); tools "
@@ -287,7 +296,7 @@ def ask_shell(kind: str, command: str) -> None:
     """
     try:
         answer = post("/shell", {"kind": kind, "command": command, "msg_id": current_msg_id()})
-    except OSError as exc:
+    except (OSError, ServiceRefused) as exc:
         # Closed, not open: the socket is gone only if code in the sandbox removed it.
         raise ShellEscapeDenied(f"{kind} {command!r} was not run: the tool service cannot be asked ({exc})") from exc
     if "error" in answer:
