@@ -22,7 +22,13 @@ from typing import Any
 import pytest
 
 from ipybox import ExecutionClient, ExecutionContainer, ResourceClient
-from ipybox._errors import ExecutionError, ExecutionTimeoutError, InvalidServerParamsError
+from ipybox._errors import (
+    ExecutionError,
+    ExecutionTimeoutError,
+    InvalidServerParamsError,
+    RemoteFileNotFoundError,
+    ResourceError,
+)
 from ipybox.tool_host import ToolHost
 from tests.integration.conftest import ContainerFactory
 
@@ -414,3 +420,33 @@ async def test_host_side_calls_are_approved_like_any_other(container: ExecutionC
             )
         assert text == "2\ndenied guarded pid"
         assert tools.stats()["guarded"]["calls"] == 1
+
+
+async def test_a_host_served_name_cannot_be_generated_in_the_sandbox(
+    container: ExecutionContainer, tmp_path: Path
+) -> None:
+    # The 409 comes before the generator runs: no package of that name is written over the host's,
+    # though the in-sandbox server would have listed its tools fine (mcp 1.x of the user environment).
+    tiny = tmp_path / "tiny.py"
+    tiny.write_text(
+        "from mcp.server.fastmcp import FastMCP\n"
+        "server = FastMCP('tiny')\n"
+        "@server.tool()\n"
+        "def ping() -> str:\n"
+        "    return 'pong'\n"
+        "server.run()\n"
+    )
+    async with ToolHost(container.resource_port, {"taken": host_server()}) as tools:
+        async with ResourceClient(port=container.resource_port) as resource:
+            await resource.upload_file("tiny.py", tiny)
+            with pytest.raises(ResourceError) as refused:
+                await resource.generate_mcp_sources(
+                    "elsewhere", "taken", {"command": "python", "args": ["/app/tiny.py"]}
+                )
+            assert refused.value.status == 409 and "served by the host" in str(refused.value)
+            with pytest.raises(RemoteFileNotFoundError):
+                await resource.get_mcp_sources("elsewhere", "taken")
+            assert await resource.generate_mcp_sources(
+                "elsewhere", "tiny", {"command": "python", "args": ["/app/tiny.py"]}
+            ) == ["ping"]
+        assert tools.connected

@@ -142,6 +142,7 @@ async def generate_sources(request: web.Request) -> web.Response:
         except mcp_params.ParamsError as exc:
             raise bad_request(str(exc)) from None
         generator_request = {"server_params": server_params}
+        tools.refuse_host_served(server_name)  # before the package is written, not after
     target = package_dir(relpath, server_name)
     answer = await _run_generator({"target": str(target), **generator_request})
     if "error" in answer:

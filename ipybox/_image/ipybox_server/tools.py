@@ -332,6 +332,16 @@ def registered_in_sandbox(name: str) -> bool:
     return name in _servers
 
 
+def refuse_host_served(name: str) -> None:
+    """Raise `web.HTTPConflict` when a connected host serves `name`: the sandbox cannot take it over."""
+    host_side = tool_hosts.describe().get(name)
+    if host_side is not None and host_side.get("connected"):
+        raise web.HTTPConflict(
+            text=json.dumps({"error": f"MCP server {name!r} is served by the host; the host must withdraw it first"}),
+            content_type="application/json",
+        )
+
+
 def register(name: str, params: dict[str, Any]) -> None:
     """Serve in-sandbox server `name` with normalized `params` from now on.
 
@@ -340,12 +350,7 @@ def register(name: str, params: dict[str, Any]) -> None:
     Raises:
         web.HTTPConflict: a connected host serves that name.
     """
-    host_side = tool_hosts.describe().get(name)
-    if host_side is not None and host_side.get("connected"):
-        raise web.HTTPConflict(
-            text=json.dumps({"error": f"MCP server {name!r} is served by the host; the host must withdraw it first"}),
-            content_type="application/json",
-        )
+    refuse_host_served(name)
     tool_hosts.forget(name)  # a host that offered it once and left
     old = _servers.get(name)
     if old is not None and old.params == params:
