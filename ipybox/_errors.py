@@ -29,6 +29,8 @@
     │                                command): refused before anything is sent (also a ValueError)
     ├── ToolHostError                a ToolHost could not start a host-side MCP server, or the sandbox
     │                                refused its offer
+    ├── SnapshotError                a snapshot could not be taken, or is missing, truncated, tampered
+    │                                with, made with another key or image, or failed to load in the kernel
     └── ResourceError                the resource server refused a request
         ├── RemoteFileNotFoundError  a sandbox file or directory is missing (also a FileNotFoundError)
         ├── RemotePathError          a path the server refused (traversal, absolute, NUL, symlink escape)
@@ -243,3 +245,14 @@ class InvalidServerParamsError(IpyboxError, ValueError):
 
 class ToolHostError(IpyboxError):
     """A `ToolHost` could not start one of its host-side MCP servers, or the sandbox refused its offer."""
+
+
+class SnapshotError(IpyboxError):
+    """A snapshot could not be taken or restored.
+
+    Raised for a snapshot that is missing, incomplete (truncated, a file gone), tampered with (the
+    manifest or a file changed), made with another user's key or for another image, and for a namespace
+    that failed to capture or to load in the kernel (the message names the exception, e.g. a module the
+    new sandbox does not have). A restore that raises it removes the sandbox it started; an integrity
+    failure is found before anything of the snapshot reaches a sandbox.
+    """

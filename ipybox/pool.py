@@ -35,8 +35,15 @@ class Sandbox:
     def __init__(self, container: ExecutionContainer, client: ExecutionClient) -> None:
         self.container = container
         self.client = client
+        self._extra_clients: list[ExecutionClient] = []  # a restore's kernels past the first
         self._closed = False
         self._on_close: list[Any] = []
+
+    @property
+    def clients(self) -> list[ExecutionClient]:
+        """Every connected client: `client` first, then (in a sandbox restored from a snapshot of several
+        kernels) one per further kernel, in the snapshot's order."""
+        return [self.client, *self._extra_clients]
 
     @property
     def closed(self) -> bool:
@@ -57,7 +64,7 @@ class Sandbox:
         for callback in self._on_close:
             callback(self)
         try:
-            await self.client.disconnect()
+            await asyncio.gather(*(client.disconnect() for client in self.clients), return_exceptions=True)
         finally:
             await self.container.kill()
 
@@ -161,6 +168,7 @@ class SandboxPool:
         self._closing: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_starting)
+        self._holds = 0  # restores in progress: no refill meanwhile (they need the CPU), waiters excepted
 
     @property
     def ready(self) -> int:
@@ -217,6 +225,56 @@ class SandboxPool:
             )
             self._wake.set()
             await sandbox.close()
+
+    async def restore(self, snapshot: Any, *, timeout: float = 60) -> Sandbox:
+        """A pooled sandbox with a snapshot restored into it: `fork(snapshot, 1)[0]`."""
+        return (await self.fork(snapshot, 1, timeout=timeout))[0]
+
+    async def fork(self, snapshot: Any, n: int, *, timeout: float = 60) -> list[Sandbox]:
+        """`n` pooled sandboxes, each with the snapshot's files and namespaces restored into it.
+
+        The snapshot (a `Snapshot` or its path) is verified completely first; the sandboxes are taken
+        from the pool and restored concurrently, and the pool starts no replacements until they are done
+        (the starts would compete with the restores for the CPU). The pool's options apply (its image
+        must be the snapshot's: checked by image id), not the snapshot's limits. The caller owns the
+        sandboxes (`close()`).
+
+        Raises:
+            SnapshotError: The snapshot is incomplete, tampered with, of another image, or a namespace
+                failed to load; the sandboxes taken for it are removed.
+            InvalidStateError: The pool is not running.
+            ValueError: `n` is below 1.
+        """
+        from ipybox import _snapshot_format
+        from ipybox.snapshot import Snapshot, _load_into
+
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        self._check_running()
+        snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.load(snapshot)
+        await asyncio.to_thread(_snapshot_format.verify_files, snap.path, snap._manifest)
+        self._holds += 1
+        sandboxes: list[Sandbox] = []
+        try:
+            acquiring = [asyncio.ensure_future(self.acquire()) for _ in range(n)]
+            try:
+                for task in acquiring:
+                    sandboxes.append(await task)
+            except BaseException:
+                for task in acquiring:
+                    task.cancel()
+                for result in await asyncio.gather(*acquiring, return_exceptions=True):
+                    if isinstance(result, Sandbox) and result not in sandboxes:
+                        sandboxes.append(result)
+                raise
+            await asyncio.gather(*(_load_into(sandbox, snap, timeout) for sandbox in sandboxes))
+        except BaseException:
+            await asyncio.gather(*(sandbox.close() for sandbox in sandboxes), return_exceptions=True)
+            raise
+        finally:
+            self._holds -= 1
+            self._wake.set()
+        return sandboxes
 
     @contextlib.asynccontextmanager
     async def sandbox(self) -> AsyncIterator[Sandbox]:
@@ -295,7 +353,7 @@ class SandboxPool:
 
     async def _keep_filled(self) -> None:
         while True:
-            while self._ready.qsize() + len(self._starting) < self.size + len(self._waiters):
+            while self._ready.qsize() + len(self._starting) < (0 if self._holds else self.size) + len(self._waiters):
                 task = asyncio.create_task(self._start_one(), name="ipybox-pool-start")
                 self._starting.add(task)
                 task.add_done_callback(self._starting.discard)

@@ -73,15 +73,24 @@ class ArchiveConflictError(OSError):
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def iter_tar(root_fd: int, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, None, None]:
+def iter_tar(
+    root_fd: int,
+    chunk_size: int = CHUNK_SIZE,
+    *,
+    exclude_mounts: bool = False,
+    exclude: frozenset[str] = frozenset(),
+) -> Generator[bytes, None, None]:
     """The tar archive of the directory open as `root_fd`, in chunks of about `chunk_size` bytes.
 
-    The caller keeps ownership of `root_fd`. Closing the generator early closes every descriptor it
-    opened.
+    `exclude_mounts`: leave out every entry on another file system than `root_fd`'s (mount points, such
+    as binds under /app, with everything below them). `exclude`: member names (relative, `a/b`) left out
+    with everything below them. The caller keeps ownership of `root_fd`. Closing the generator early
+    closes every descriptor it opened.
     """
     pending: list[bytes] = []
     pending_size = 0
-    for name, fd, st in _walk(root_fd, ""):
+    device = os.fstat(root_fd).st_dev if exclude_mounts else None
+    for name, fd, st in _walk(root_fd, "", device, exclude):
         info = tarfile.TarInfo(name)
         info.mode = stat.S_IMODE(st.st_mode) & 0o755
         info.mtime = int(st.st_mtime)
@@ -109,12 +118,17 @@ def iter_tar(root_fd: int, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, Non
     yield b"".join(pending)
 
 
-def _walk(dir_fd: int, prefix: str) -> Iterator[tuple[str, int, os.stat_result]]:
-    """(name, open fd, stat) of every directory and regular file below `dir_fd`, parents first."""
+def _walk(
+    dir_fd: int, prefix: str, device: int | None = None, exclude: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, int, os.stat_result]]:
+    """(name, open fd, stat) of every directory and regular file below `dir_fd`, parents first; entries
+    on a device other than `device` (when given) and names in `exclude` are left out, subtrees included."""
     with os.scandir(dir_fd) as scan:
         entries = sorted((entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan)
     for entry_name, is_dir in entries:
         if entry_name.startswith(_STAGING_PREFIX) if is_dir else entry_name.endswith(TEMP_SUFFIX):
+            continue
+        if exclude and prefix + entry_name in exclude:
             continue
         try:
             fd = os.open(entry_name, _DIR_FLAGS if is_dir else _READ_FLAGS, dir_fd=dir_fd)
@@ -125,9 +139,11 @@ def _walk(dir_fd: int, prefix: str) -> Iterator[tuple[str, int, os.stat_result]]
         try:
             st = os.fstat(fd)
             name = prefix + entry_name
+            if device is not None and st.st_dev != device:
+                continue  # a mount point (a bind): another file system, left out with what is below it
             if stat.S_ISDIR(st.st_mode):
                 yield name, fd, st
-                yield from _walk(fd, name + "/")
+                yield from _walk(fd, name + "/", device, exclude)
             elif stat.S_ISREG(st.st_mode):
                 yield name, fd, st
         finally:

@@ -5,6 +5,9 @@
     DELETE /files/{relpath}        -> 200 {}
     PUT    /directories/{relpath}  body: an uncompressed tar    -> 200 {"files": n, "size": n}
     GET    /directories/{relpath}  -> 200 an uncompressed tar of the directory's contents
+           ?exclude_mounts=true    leave out mount points below it (binds under /app) and their contents
+           &exclude=a/b            leave out this entry (relative to the directory) and what is below it;
+                                   repeatable (snapshots leave out their own temp directory)
 
 An empty directory relpath means /app itself. Errors are JSON `{"error": ...}`: 400 a refused path or
 archive, 404 nothing of the requested kind there (a directory where a file is asked for counts as
@@ -201,11 +204,28 @@ def _open_directory(target: Path, relpath: str) -> int:
         raise
 
 
+_MAX_EXCLUDES = 64
+
+
+def _archive_options(request: web.Request) -> tuple[bool, frozenset[str]]:
+    """`exclude_mounts` and `exclude` of GET /directories/ (see the module), checked."""
+    flag = request.query.get("exclude_mounts", "false")
+    if flag not in ("true", "false"):
+        raise bad_request(f"exclude_mounts must be 'true' or 'false', not {flag[:100]!r}")
+    excludes = request.query.getall("exclude", [])
+    if len(excludes) > _MAX_EXCLUDES:
+        raise bad_request(f"at most {_MAX_EXCLUDES} exclude parameters")
+    # Only compared with member names: a name no member has (`..`, absolute, NUL) leaves nothing out.
+    names = {"/".join(part for part in value.split("/") if part not in ("", ".")) for value in excludes}
+    return flag == "true", frozenset(names)
+
+
 async def get_directory(request: web.Request) -> web.StreamResponse:
     relpath = _relpath(request)
     target = resolve(relpath, allow_root=True)
+    exclude_mounts, exclude = _archive_options(request)
     root_fd = await asyncio.to_thread(_open_directory, target, relpath)
-    chunks = archive.iter_tar(root_fd, CHUNK_SIZE)
+    chunks = archive.iter_tar(root_fd, CHUNK_SIZE, exclude_mounts=exclude_mounts, exclude=exclude)
     try:
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         response.enable_chunked_encoding()

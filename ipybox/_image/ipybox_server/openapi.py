@@ -264,6 +264,30 @@ SPEC: dict[str, Any] = {
             "get": {
                 "operationId": "getDirectory",
                 "summary": "An uncompressed tar of the directory's regular files and directories.",
+                "parameters": [
+                    {
+                        "name": "exclude_mounts",
+                        "in": "query",
+                        "required": False,
+                        "description": (
+                            "`true`: leave out mount points below the directory (binds under /app: host "
+                            "directories) with everything below them. Snapshots use it."
+                        ),
+                        "schema": {"type": "string", "enum": ["true", "false"], "default": "false"},
+                    },
+                    {
+                        "name": "exclude",
+                        "in": "query",
+                        "required": False,
+                        "style": "form",
+                        "explode": True,
+                        "description": (
+                            "Entries (relative to the directory, `a/b`) left out with everything below them; "
+                            "a name no entry has leaves nothing out."
+                        ),
+                        "schema": {"type": "array", "maxItems": 64, "items": {"type": "string"}},
+                    },
+                ],
                 "responses": _responses(
                     {
                         "description": "The archive, chunked.",
