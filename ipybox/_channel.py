@@ -34,6 +34,10 @@ _GAP_GRACE = 0.5
 """Seconds an execution that reached idle after a cut waits for messages still missing before it fails."""
 
 
+_FROZEN_POLL = 0.25
+"""Seconds between looks at the freezer while a ping waits for its pong from a paused sandbox."""
+
+
 SIDE_CHANNEL = "ipybox"
 """The websocket channel between the client and the server itself (approvals), never the kernel's."""
 
@@ -55,6 +59,7 @@ class KernelChannel:
         self.router = router
         self.on_side = on_side
         self.reader: asyncio.Task[None] | None = None
+        self.pinger: asyncio.Task[None] | None = None
         self.restart_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # recoveries
         self._recovery: asyncio.Task[None] | None = None
@@ -75,11 +80,16 @@ class KernelChannel:
         ws = self.transport.ws
         assert ws is not None
         self.reader = asyncio.create_task(self._read(ws), name=f"ipybox-kernel-reader-{self.transport.kernel_id}")
+        if self.transport.heartbeat and self.transport.heartbeat > 0:
+            self.pinger = asyncio.create_task(self._ping(), name=f"ipybox-kernel-ping-{self.transport.kernel_id}")
 
     async def close(self, error: Exception) -> None:
         reader, self.reader = self.reader, None
         if reader is not None:
             reader.cancel()
+        pinger, self.pinger = self.pinger, None
+        if pinger is not None:
+            pinger.cancel()
         for task in list(self._tasks):
             task.cancel()
         self.router.fail_all(error)
@@ -150,6 +160,53 @@ class KernelChannel:
                 if self.router.kernel is KernelState.RESTARTING:
                     await self.await_restarted_kernel()
                     self.router.kernel = KernelState.ALIVE
+
+    async def _ping(self) -> None:
+        """The heartbeat: a ping every `heartbeat` seconds, and a connection that stays silent for half
+        that long after it is closed, which the reader handles as any cut (re-open, recovery).
+
+        Any frame read counts as an answer (a pong can queue behind a big output). A paused sandbox
+        answers nothing until it is resumed, and is not a dead peer: while it is frozen the ping waits.
+        """
+        transport = self.transport
+        interval = transport.heartbeat
+        while True:
+            await asyncio.sleep(interval)
+            ws = transport.ws
+            if ws is None or ws.closed:
+                continue  # being re-opened: the reader's job
+            transport.heard.clear()
+            try:
+                await ws.ping()
+            except (aiohttp.ClientError, ConnectionError, RuntimeError):
+                continue  # the reader sees the broken connection
+            wait = interval / 2
+            while not transport.heard.is_set():
+                try:
+                    await asyncio.wait_for(transport.heard.wait(), wait)
+                except TimeoutError:
+                    if transport.frozen():
+                        wait = _FROZEN_POLL
+                        continue
+                    if transport.ws is ws and not ws.closed:
+                        logger.info(
+                            "kernel %s: no answer to a ping within %.3g s; closing the connection",
+                            transport.kernel_id,
+                            interval / 2,
+                        )
+                        self._abort(ws)
+                    break
+
+    def _abort(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Close a silent websocket; the reader sees the close at once and re-opens (its close handshake
+        with a dead peer may take aiohttp's close timeout, in the background)."""
+        task = asyncio.create_task(self._close_quietly(ws))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _close_quietly(ws: aiohttp.ClientWebSocketResponse) -> None:
+        await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
 
     def _reading(self) -> bool:
         return self.reader is not None and not self.reader.done()

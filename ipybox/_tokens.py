@@ -8,6 +8,10 @@ host and port:
 - a file readable only by the current user (directory 0700, file 0600), for clients in another
   process of the same user. The file is removed when the container is killed.
 
+Each container's record is also kept under a second name, `<container id>.token`, so that a process
+that knows only the container (`ExecutionContainer.attach`, `ipybox ps`) finds its secret without
+knowing the host and port it was published on; both names go together.
+
 Loopback names are keyed alike, so a container published on 127.0.0.1 is found by a client that
 connects to "localhost".
 
@@ -88,6 +92,10 @@ def _token_file(host: str, port: int) -> Path:
     return token_dir() / f"{name.replace(':', '_')}-{port}.token"
 
 
+def _container_file(container_id: str) -> Path:
+    return token_dir() / f"{container_id}.token"
+
+
 def container_runs(container_id: str, pid: int) -> bool:
     """Whether the container whose init process had host pid `pid` still runs (see the module docstring)."""
     try:
@@ -121,13 +129,22 @@ def register(
         server_line = f"{server.pid} {server.start}\n" if server is not None else ""
         file.write(f"{token}\n{container_id}\n{pid}\n{server_line}")
     os.replace(tmp, path)
+    if container_id:
+        # The second name: the same record, found by the container's id (a hard link: one inode).
+        by_id = _container_file(container_id)
+        if by_id != path:
+            link = by_id.with_suffix(".tmp")
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, by_id)
 
 
 def unregister(host: str, port: int, container_id: str = "") -> None:
     """Forget the secret of host:port (in memory and on disk). Safe to call twice.
 
     With `container_id`, only a record of that container is removed: the port may have gone to another
-    container meanwhile (this one was removed behind ipybox's back), whose record stays.
+    container meanwhile (this one was removed behind ipybox's back), whose record stays; so does its
+    record under the container's id.
     """
     name = key(host, port)
     record = _registry.get(name)
@@ -135,10 +152,16 @@ def unregister(host: str, port: int, container_id: str = "") -> None:
         del _registry[name]
     path = _token_file(host, port)
     if container_id:
+        _container_file(container_id).unlink(missing_ok=True)
         on_disk = _read(path)
         if on_disk is not None and on_disk.container_id not in ("", container_id):
             return
     path.unlink(missing_ok=True)
+
+
+def forget(host: str, port: int) -> None:
+    """Forget the secret of host:port in this process only; the user-only file stays (the container runs on)."""
+    _registry.pop(key(host, port), None)
 
 
 def lookup(host: str, port: int) -> str | None:
@@ -182,6 +205,23 @@ def recorded_server(host: str, port: int) -> tuple[str, int, Process] | None:
     if record is None or not record.container_id or not record.pid or record.server is None:
         return None
     return record.container_id, record.pid, record.server
+
+
+def recorded_container(host: str, port: int) -> tuple[str, int] | None:
+    """(container id, init pid: 0 when not checkable here) recorded for host:port; None without a container id."""
+    name = key(host, port)
+    record = _registry.get(name) or _read(_token_file(host, port))
+    if record is None or not record.container_id:
+        return None
+    return record.container_id, record.pid
+
+
+def container_token(container_id: str) -> str | None:
+    """The secret recorded for the container with this full id, while it (and its server) still runs."""
+    record = _read(_container_file(container_id))
+    if record is None or record.container_id != container_id or not record.alive():
+        return None
+    return record.token
 
 
 def remove_stale(alive_container_ids: set[str]) -> None:

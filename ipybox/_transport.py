@@ -21,8 +21,8 @@ from typing import Any
 
 import aiohttp
 
-from ipybox import _routes, _tokens, _wire
-from ipybox._errors import AuthenticationError, KernelLimitError, ServerConnectionError
+from ipybox import _freezer, _routes, _tokens, _wire
+from ipybox._errors import AuthenticationError, KernelLimitError, RequestRefusedError, ServerConnectionError
 from ipybox._labels import EXECUTOR_PORT
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ RECONNECT_ATTEMPT_TIMEOUT = 5.0
 _DIRECT_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=1)
 """aiohttp's default timeouts, but a container's own address must accept a connection within a second."""
 _SHUTDOWN_TIMEOUT = aiohttp.ClientTimeout(total=5)
+_THAW_POLL = 0.05
+"""Seconds between looks at the freezer while a paused sandbox is waited for."""
 _OVERSIZE = re.compile(r"Message size (\d+)")
 
 _cleanups: set[asyncio.Task[None]] = set()
@@ -55,17 +57,27 @@ class Closed:
 class KernelTransport:
     """One kernel in one gateway: its HTTP session, lifecycle requests and websocket."""
 
-    def __init__(self, host: str, port: int, token: str | None, heartbeat: float, max_msg_size: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str | None,
+        heartbeat: float,
+        max_msg_size: int,
+        kernel_id: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.base_url = f"http://{host}:{port}"
         self.via = "published port"  # or the direct route open() found
         self.kernel_id: str | None = None
+        self.existing = kernel_id  # connect to this kernel instead of creating one
+        self.heartbeat = heartbeat
+        self.heard = asyncio.Event()  # set by every frame read (pongs included): the peer is alive
         self.session_id = uuid.uuid4().hex  # the gateway keeps a session's messages across re-opens
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.v1 = False
         self._token = token
-        self._heartbeat = heartbeat
         self._max_msg_size = max_msg_size
         self._session: aiohttp.ClientSession | None = None
 
@@ -97,7 +109,7 @@ class KernelTransport:
                 work.cancel()
         if not work.cancelled():
             work.exception()  # retrieved, so asyncio does not log it as never retrieved
-        await self.close()
+        await self.close(shutdown=self.existing is None)  # a kernel we attached to is not ours to end
 
     async def _connect(self, retries: int, retry_interval: float) -> None:
         token = self._token or _tokens.lookup(self.host, self.port)
@@ -120,7 +132,9 @@ class KernelTransport:
         return await self._session.ws_connect(
             f"/api/kernels/{self.kernel_id}/channels",
             params={"session_id": self.session_id},
-            heartbeat=self._heartbeat,
+            # No aiohttp heartbeat: a paused sandbox answers no ping, and that is not a dead peer. The
+            # channel runs its own pings (KernelChannel._ping), and the reader answers the server's.
+            autoping=False,
             # A message no execution could keep is refused by its header, before any of it is
             # buffered (aiohttp then closes the connection; the channel re-opens it).
             max_msg_size=self._max_msg_size,
@@ -130,9 +144,11 @@ class KernelTransport:
     async def reopen(self, reason: str) -> aiohttp.ClientWebSocketResponse | str:
         """Re-open a websocket that broke, with the same session, so the gateway replays its buffer.
 
-        A few attempts with growing pauses, within a budget. Returns the new websocket, or why it
-        could not be re-opened.
+        A few attempts with growing pauses, within a budget that starts once the sandbox is not paused
+        (a frozen gateway accepts connections but answers no handshake). Returns the new websocket, or
+        why it could not be re-opened.
         """
+        await self.wait_thawed()
         deadline = time.monotonic() + RECONNECT_BUDGET
         for delay in RECONNECT_DELAYS:
             if delay:
@@ -156,6 +172,17 @@ class KernelTransport:
             logger.info("re-opened the websocket of kernel %s after it broke", self.kernel_id)
             return ws
         return reason
+
+    def frozen(self) -> bool:
+        """Whether the sandbox is paused (ipybox._freezer)."""
+        return _freezer.frozen(self.host, self.port)
+
+    async def wait_thawed(self) -> float:
+        """Wait while the sandbox is paused; the seconds waited."""
+        start = time.monotonic()
+        while self.frozen():
+            await asyncio.sleep(_THAW_POLL)
+        return time.monotonic() - start
 
     async def send(self, msg_id: str, msg_type: str, content: dict[str, Any], channel: str = "shell") -> None:
         """Send a message on the current websocket: a shell request, or one on channel "ipybox" (approvals),
@@ -186,7 +213,17 @@ class KernelTransport:
 
     async def messages(self, ws: aiohttp.ClientWebSocketResponse) -> AsyncIterator[dict[str, Any] | Closed]:
         """The decoded messages of `ws`; the last item is always a `Closed` saying how it ended."""
+        heard = self.heard
         async for frame in ws:
+            heard.set()
+            if frame.type is aiohttp.WSMsgType.PING:
+                try:
+                    await ws.pong(frame.data)
+                except (aiohttp.ClientError, ConnectionError) as failure:
+                    logger.debug("answering a ping of kernel %s failed: %s", self.kernel_id, failure)
+                continue
+            if frame.type is aiohttp.WSMsgType.PONG:
+                continue
             if frame.type is aiohttp.WSMsgType.BINARY:
                 channel, parts = _wire.split_v1(frame.data)
                 del frame  # the frame's bytes go before the JSON is parsed: one copy of a big message less
@@ -218,15 +255,16 @@ class KernelTransport:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ServerConnectionError(f"{doing} kernel {self.kernel_id} failed: {exc!r}") from exc
 
-    async def close(self) -> None:
-        """Close the websocket, shut the kernel down, close the session. Safe to call repeatedly."""
+    async def close(self, shutdown: bool = True) -> None:
+        """Close the websocket, shut the kernel down (unless `shutdown` is False), close the session.
+        Safe to call repeatedly."""
         ws, self.ws = self.ws, None
         session, self._session = self._session, None
         kernel_id, self.kernel_id = self.kernel_id, None
         try:
             if ws is not None:
                 await ws.close()
-            if session is not None and kernel_id is not None:
+            if shutdown and session is not None and kernel_id is not None:
                 try:
                     async with session.delete(f"/api/kernels/{kernel_id}", timeout=_SHUTDOWN_TIMEOUT):
                         pass
@@ -258,6 +296,8 @@ class KernelTransport:
         return False
 
     async def _create_kernel(self, retries: int, retry_interval: float) -> str:
+        if self.existing is not None:
+            return await self._find_kernel(self.existing, retries, retry_interval)
         assert self._session is not None
         last_error: Exception | None = None
         for attempt in range(max(retries, 1)):
@@ -278,6 +318,39 @@ class KernelTransport:
                         last_error = ServerConnectionError(
                             f"creating a kernel at {self.base_url} failed: HTTP {response.status} "
                             f"{await response.text()}",
+                            status=response.status,
+                        )
+                        continue
+                    return str((await response.json())["id"])
+            except aiohttp.ClientError as exc:
+                last_error = exc
+        raise ServerConnectionError(
+            f"could not reach the kernel gateway at {self.base_url} after {max(retries, 1)} tries: {last_error}",
+            option="ExecutionClient.connect(retries=..., retry_interval=...)",
+        ) from last_error
+
+    async def _find_kernel(self, kernel_id: str, retries: int, retry_interval: float) -> str:
+        """Check that the gateway runs the kernel `kernel_id` (GET /api/kernels/<id>): connect to an existing one."""
+        assert self._session is not None
+        last_error: Exception | None = None
+        for attempt in range(max(retries, 1)):
+            if attempt:
+                await asyncio.sleep(retry_interval)
+            try:
+                async with self._session.get(f"/api/kernels/{kernel_id}") as response:
+                    if response.status == 404:
+                        raise RequestRefusedError(
+                            f"the gateway at {self.base_url} runs no kernel {kernel_id} (HTTP 404): it was shut "
+                            "down, or the sandbox is another one; ExecutionContainer.kernel_ids() lists its kernels",
+                            status=404,
+                            kernel_id=kernel_id,
+                            option="ExecutionClient(kernel_id=...)",
+                        )
+                    if response.status in (401, 403):
+                        raise status_error(response.status, f"looking up kernel {kernel_id}", self.base_url)
+                    if response.status >= 400:
+                        last_error = ServerConnectionError(
+                            f"looking up kernel {kernel_id} at {self.base_url} failed: HTTP {response.status}",
                             status=response.status,
                         )
                         continue

@@ -1,4 +1,4 @@
-"""The `ipybox` command line: build, run, cleanup."""
+"""The `ipybox` command line: build, run, cleanup, ps, pause, resume."""
 
 from __future__ import annotations
 
@@ -117,6 +117,57 @@ def cleanup(
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     err.print(f"removed {len(removed)} container(s)")
+
+
+@app.command()
+def ps(
+    all_states: Annotated[bool, typer.Option("-a", "--all", help="Show stopped sandboxes too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array on stdout, for scripts.")] = False,
+) -> None:
+    """List ipybox sandboxes: id, name, image, age, idle time, memory, state, kernels.
+
+    Idle time and kernels are shown for running sandboxes this user started (their secret is needed
+    to ask the gateway); memory is read from the container's cgroup where this host can.
+    """
+    import json
+
+    from ipybox._attach import list_sandboxes, table
+
+    try:
+        rows = asyncio.run(list_sandboxes(all_states))
+    except IpyboxError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps([row.to_json() for row in rows], indent=2) + "\n")
+    else:
+        sys.stdout.write(table(rows) + "\n")
+
+
+SandboxArgument = Annotated[str, typer.Argument(help="Container id (or a unique prefix) or name of the sandbox.")]
+
+
+@app.command()
+def pause(sandbox: SandboxArgument) -> None:
+    """Pause a sandbox: freeze its processes, keep its memory and kernels (`ipybox resume` thaws it)."""
+    _set_paused(sandbox, True)
+
+
+@app.command()
+def resume(sandbox: SandboxArgument) -> None:
+    """Resume a paused sandbox; its clients continue where they were."""
+    _set_paused(sandbox, False)
+
+
+def _set_paused(sandbox: str, paused: bool) -> None:
+    from ipybox._attach import set_paused
+
+    try:
+        container_id = asyncio.run(set_paused(sandbox, paused))
+    except IpyboxError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    err.print(f"{'paused' if paused else 'resumed'} {container_id[:12]}", highlight=False)
 
 
 @app.command()

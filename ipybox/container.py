@@ -18,14 +18,21 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from ipybox import _firewall, _routes, _tokens
+from ipybox import _firewall, _freezer, _routes, _tokens
 from ipybox._docker import connect, docker_errors
-from ipybox._errors import ContainerError, ContainerStartError, FirewallError, InvalidStateError
+from ipybox._errors import (
+    ContainerError,
+    ContainerStartError,
+    FirewallError,
+    InvalidStateError,
+    ServerConnectionError,
+)
 from ipybox._labels import (
     CONTAINER_LABEL,
     EXECUTOR_PORT,
     EXECUTOR_SOCKET,
     GID_LABEL,
+    HELPER_LABEL,
     READY_LINE,
     RESOURCE_PORT,
     RESOURCE_SOCKET,
@@ -46,6 +53,9 @@ APP_DIR = PurePosixPath("/app")
 
 _DEFAULT_TMP_SIZE = 2**30
 _DEFAULT_APP_SIZE = 2 * 2**30
+_PAUSE_ATTEMPTS = 3
+"""Tries of `docker pause` when the engine reports "unable to freeze" (runc gives up on a busy cgroup)."""
+_KERNELS_TIMEOUT = aiohttp.ClientTimeout(total=10)
 _REMOVE_TIMEOUT = 60.0
 """Seconds kill() waits for the engine to remove the container; it keeps waiting through cancellations."""
 
@@ -217,6 +227,8 @@ class ExecutionContainer:
         self._server: Process | None = None  # the server process, identified at start (ipybox._process)
         self._removal: asyncio.Future[None] | None = None
         self._removal_reported = True
+        self._paused = False  # as this object last paused, resumed or inspected it (the freezer, when local, wins)
+        self._token: str | None = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -308,6 +320,8 @@ class ExecutionContainer:
         self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
         container, self._container = self._container, None
         docker, self._docker = self._docker, None
+        if container is not None:
+            _freezer.note_paused(container.id, False)
         for port in self._registered:
             _tokens.unregister(self.host, port, container.id if container is not None else "")
         _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
@@ -326,6 +340,182 @@ class ExecutionContainer:
         if not self._removal_reported:
             self._removal_reported = True
             removal.result()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the sandbox is paused (its processes frozen).
+
+        Read from the container's freezer when the engine is local (so a `docker pause` or `ipybox
+        pause` from elsewhere counts), else as this object's last `pause()`, `resume()` or `attach()` left it.
+        """
+        if self._container is None:
+            return False
+        if self._pid:
+            state = _freezer.frozen_pid(self._pid)
+            if state is not None:
+                return state
+        return self._paused
+
+    async def pause(self) -> None:
+        """Freeze every process of the sandbox (`docker pause`): no CPU used, memory and kernels kept.
+
+        Idempotent. While paused, open clients wait: executions (their timeouts stopped), heartbeats
+        and resource transfers resume with the sandbox; see docs/api.md for what code in the sandbox
+        sees (wall and monotonic clocks run on).
+
+        Raises:
+            InvalidStateError: The container is not running.
+            ContainerError: The engine could not freeze the sandbox (after 3 tries when the freezer gave
+                up on a busy cgroup); the sandbox then keeps running.
+        """
+        container = self._running_container()
+        if self.paused:
+            self._paused = True
+            return
+        for attempt in range(1, _PAUSE_ATTEMPTS + 1):
+            try:
+                with docker_errors("pausing the sandbox", container.id):
+                    await container.pause()
+                break
+            except ContainerError as exc:
+                message = str(exc)
+                if "already paused" in message:
+                    break
+                if "unable to freeze" not in message:
+                    raise
+                # runc thaws the cgroup again when it does not reach FROZEN in time: check, then retry.
+                if await self._inspect_paused(container):
+                    break
+                if attempt == _PAUSE_ATTEMPTS:
+                    raise ContainerError(
+                        f"pausing failed {_PAUSE_ATTEMPTS} times (the cgroup freezer gave up on busy processes); "
+                        f"the sandbox keeps running. Last error: {message}",
+                        container_id=container.id,
+                    ) from exc
+                logger.info("pausing %s: unable to freeze (try %d); retrying", container.id[:12], attempt)
+        self._paused = True
+        _freezer.note_paused(container.id, True)
+
+    async def resume(self) -> None:
+        """Thaw a paused sandbox (`docker unpause`); its clients continue where they were. Idempotent.
+
+        Raises:
+            InvalidStateError: The container is not running.
+            ContainerError: The engine refused.
+        """
+        container = self._running_container()
+        if self._pid and _freezer.frozen_pid(self._pid) is False:
+            self._paused = False
+            _freezer.note_paused(container.id, False)
+            return
+        try:
+            with docker_errors("resuming the sandbox", container.id):
+                await container.unpause()
+        except ContainerError as exc:
+            if "is not paused" not in str(exc):
+                raise
+        self._paused = False
+        _freezer.note_paused(container.id, False)
+
+    async def kernel_ids(self) -> list[str]:
+        """The ids of the kernels running in the sandbox, oldest first (the gateway's `GET /api/kernels`).
+
+        A kernel outlives the client that created it when that client disconnected with
+        `disconnect(shutdown=False)` or its process died; `ExecutionClient(port, kernel_id=...)`
+        connects to it again.
+
+        Raises:
+            InvalidStateError: The container is not running, or is paused.
+            ServerConnectionError: The gateway could not be reached or refused.
+        """
+        self._running_container()
+        if self.paused:
+            raise InvalidStateError("the sandbox is paused: resume() it to list its kernels")
+        kernels = await list_kernels(self.host, self.executor_port, self._token)
+        kernels.sort(key=lambda kernel: str(kernel.get("last_activity") or ""))
+        return [str(kernel["id"]) for kernel in kernels if "id" in kernel]
+
+    @classmethod
+    async def attach(cls, id_or_name: str) -> ExecutionContainer:
+        """An `ExecutionContainer` for a sandbox already running on this engine, started by this user.
+
+        Finds the container by id (or a unique prefix of it) or name, its published ports, its secret
+        (the user-only record its starter left: only the user who started a sandbox can attach) and
+        the direct routes, as the starting process has them. Clients then connect as usual:
+        `ExecutionClient(port=c.executor_port)` for a new kernel, `kernel_id=` for one of
+        `await c.kernel_ids()`.
+
+        The returned object owns the sandbox like the one that started it: `kill()` (and leaving
+        `async with`) removes it. Call `detach()` instead to let go of it and leave it running.
+
+        Raises:
+            ContainerError: No such container, not an ipybox sandbox, not running, or no secret recorded
+                for it (started by another user, or on another machine).
+            DockerUnavailableError: No Docker engine answers.
+        """
+        docker = connect()
+        try:
+            with docker_errors(f"looking up sandbox {id_or_name!r}"):
+                try:
+                    container = await docker.containers.get(id_or_name)
+                except aiodocker.DockerError as exc:
+                    if exc.status == 404:
+                        raise ContainerError(f"no container {id_or_name!r} on this engine", status=404) from exc
+                    raise
+                info = await container.show()
+            labels = (info.get("Config") or {}).get("Labels") or {}
+            container_id = str(info["Id"])
+            if CONTAINER_LABEL not in labels or HELPER_LABEL in labels:
+                raise ContainerError(f"container {id_or_name!r} is not an ipybox sandbox", container_id=container_id)
+            state = info.get("State") or {}
+            if not state.get("Running"):
+                raise ContainerError(
+                    f"sandbox {id_or_name!r} is not running ({state.get('Status')})", container_id=container_id
+                )
+            token = _tokens.container_token(container_id)
+            if token is None:
+                raise ContainerError(
+                    f"no secret is recorded for sandbox {id_or_name!r} (in {_tokens.token_dir()}): only the user "
+                    "who started a sandbox, on this machine, can attach to it",
+                    container_id=container_id,
+                )
+            ports = (info.get("NetworkSettings") or {}).get("Ports") or {}
+            bindings = ports.get(f"{EXECUTOR_PORT}/tcp") or [{}]
+            host = str(bindings[0].get("HostIp") or "127.0.0.1")
+            attached = cls(str((info.get("Config") or {}).get("Image") or DEFAULT_TAG), host=host, labels=labels)
+            attached._docker, attached._container = docker, container
+            attached._image_id = str(info.get("Image") or "") or None
+            attached._state = _State.RUNNING
+            attached._paused = bool(state.get("Paused"))
+            attached._token = token
+        except BaseException:
+            await docker.close()
+            raise
+        try:
+            await attached._read_ports()
+            for port in (attached.executor_port, attached.resource_port):
+                _tokens.register(host, port, token, container_id, attached._pid, attached._server)
+                attached._registered.append(port)
+        except BaseException:
+            await attached.detach()
+            raise
+        return attached
+
+    async def detach(self) -> None:
+        """Let go of the sandbox and leave it running: forget its secret and routes in this process
+        (the user-only record stays, for `attach()`), close the engine connection. Idempotent;
+        the object cannot be used afterwards."""
+        self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
+        container, self._container = self._container, None
+        docker, self._docker = self._docker, None
+        for port in self._registered:
+            _tokens.forget(self.host, port)
+        _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
+        self._registered.clear()
+        if container is not None:
+            _freezer.note_paused(container.id, False)
+        if docker is not None:
+            await docker.close()
 
     async def init_firewall(self, allowed_domains: list[str] | None = None) -> None:
         """Initialize firewall rules to restrict internet access to a whitelist of allowed domains,
@@ -434,9 +624,20 @@ class ExecutionContainer:
             isolating.result()
             await self._read_ports()
 
+        self._token = token
         for port in (self.executor_port, self.resource_port):
             _tokens.register(self.host, port, token, container_id, self._pid, self._server)
             self._registered.append(port)
+
+    def _running_container(self) -> Any:
+        if self._container is None or self._state is not _State.RUNNING:
+            raise InvalidStateError("Container not running")
+        return self._container
+
+    async def _inspect_paused(self, container: Any) -> bool:
+        with docker_errors("inspecting the sandbox", container.id):
+            info = await container.show()
+        return bool((info.get("State") or {}).get("Paused"))
 
     def _known_gone(self) -> bool:
         """True when the container is not running, as far as this host can tell without asking the engine.
@@ -572,6 +773,26 @@ class ExecutionContainer:
                     option="ExecutionContainer(port_allocation_timeout=...)",
                 )
             await asyncio.sleep(0.05)
+
+
+async def list_kernels(host: str, port: int, token: str | None = None) -> list[dict[str, Any]]:
+    """The gateway's `GET /api/kernels` at host:port: one dict per kernel (id, name, last_activity,
+    execution_state, connections)."""
+    token = token or _tokens.lookup(host, port)
+    headers = {"Authorization": f"token {token}"} if token else {}
+    connector = _routes.published_connector(host, port, EXECUTOR_PORT)
+    url = f"http://{host}:{port}/api/kernels"
+    try:
+        async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=_KERNELS_TIMEOUT) as session:
+            async with session.get(url) as response:
+                if response.status >= 400:
+                    raise ServerConnectionError(
+                        f"listing the kernels at {url} failed: HTTP {response.status}", status=response.status
+                    )
+                body = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise ServerConnectionError(f"listing the kernels at {url} failed: {exc!r}") from exc
+    return [kernel for kernel in body if isinstance(kernel, dict)] if isinstance(body, list) else []
 
 
 def _dns_server(server: str) -> str:

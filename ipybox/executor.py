@@ -50,6 +50,8 @@ DEFAULT_APPROVAL_TIMEOUT = 300.0
 """Default seconds a tool call or shell escape waits for the application's decision."""
 
 _INTERRUPT_GRACE = 5.0
+_FROZEN_SLICE = 0.25
+"""Seconds an execution's timeout clock waits at a time; a wait that ends with the sandbox paused is not counted."""
 """Seconds an interrupted execution gets to reach idle before the kernel is restarted."""
 
 
@@ -219,10 +221,15 @@ class Execution:
         `asyncio.timeout` around `Queue.get`, not `wait_for`: a cancelled get never loses an item.
         """
         route = self._route
+        transport = self._client._transport
         # The clock: when it started, and how long calls had waited for approval by then. Time calls
         # of the code wait for approval later is added to the deadline; while one waits, none applies.
+        # Time the sandbox spends paused is added too: the clock waits in slices, and a slice that
+        # ends with the sandbox frozen is credited (accurate to a slice; the freezer is read only
+        # when a slice passes without output).
         clock = time.monotonic() if self._started else None
         held_before = route.held_time()
+        frozen_time = 0.0
         while not self._done:
             if clock is None or route.holds:
                 item = await self._queue.get()
@@ -231,11 +238,18 @@ class Execution:
                     clock, held_before = time.monotonic(), route.held_time()
                     continue
             else:
-                deadline = clock + timeout + route.held_time() - held_before
+                deadline = clock + timeout + route.held_time() - held_before + frozen_time
+                began = time.monotonic()
+                remaining = deadline - began
                 try:
-                    async with asyncio.timeout(deadline - time.monotonic()):
+                    async with asyncio.timeout(max(0.0, min(remaining, _FROZEN_SLICE))):
                         item = await self._queue.get()
                 except TimeoutError:
+                    if transport is not None and transport.frozen():
+                        frozen_time += time.monotonic() - began
+                        continue
+                    if remaining > _FROZEN_SLICE:
+                        continue
                     await self._stop_after_timeout(timeout)
                     raise
             yield self._handle(item)
@@ -302,6 +316,8 @@ class Execution:
         interrupt. Always raises."""
         client = self._client
         if self._route.phase is Phase.RUNNING:
+            # Never to a paused gateway: the request would hang there until the sandbox is resumed.
+            await client._transport_or_raise().wait_thawed()
             await client.interrupt()
         # Drain until the interrupted request reaches idle, so its trailing output does not leak
         # into the next execution's result.
@@ -354,16 +370,18 @@ class Execution:
 class ExecutionClient:
     """A client for one IPython kernel in an ipybox container's Kernel Gateway.
 
-    `connect()` creates a new kernel and opens its websocket; `disconnect()` shuts the kernel
-    down. Kernel state (variables, imports) persists across executions of one client. One reader
-    task per websocket routes output to executions by request id, so several submitted
-    executions never mix their output.
+    `connect()` creates a new kernel (or, with `kernel_id`, finds a running one) and opens its
+    websocket; `disconnect()` shuts the kernel down (`shutdown=False` leaves it running). Kernel
+    state (variables, imports) persists across executions of one client. One reader task per
+    websocket routes output to executions by request id, so several submitted executions never
+    mix their output.
 
     Args:
         port: Host port of the container's executor port (`ExecutionContainer.executor_port`).
         host: Host name or address of the container's executor port.
-        heartbeat_interval: Seconds between websocket pings; a connection that stops answering is
-            detected and pending executions fail instead of hanging.
+        heartbeat_interval: Seconds between websocket pings; a connection that stops answering (for
+            half as long) is detected and re-opened, and pending executions fail instead of hanging.
+            A paused sandbox (`ExecutionContainer.pause()`) is not a silent connection: pings wait.
         token: The container's secret. Found automatically for containers started by this user
             on this machine; pass it explicitly for a container started elsewhere.
         max_output_bytes: Output bytes one execution keeps: text, images and rich outputs (each
@@ -383,6 +401,8 @@ class ExecutionClient:
             boundary: code can still run programs without a shell escape (`subprocess`).
         approval_timeout: Seconds a call waits for a decision before the sandbox refuses it
             (`ToolApprovalExpired` in the code). That time does not count against execution timeouts.
+        kernel_id: Connect to this kernel, already running in the gateway (`ExecutionContainer.kernel_ids()`),
+            instead of creating one: its variables and imports are there. None: a new kernel.
 
     Example:
         ```python
@@ -404,6 +424,7 @@ class ExecutionClient:
         max_history: int = DEFAULT_MAX_HISTORY,
         approvals: bool | ApprovalPolicy = False,
         approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+        kernel_id: str | None = None,
     ) -> None:
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 0:
             raise ValueError(f"max_history must be an int >= 0, not {max_history!r}")
@@ -419,6 +440,7 @@ class ExecutionClient:
         self.port = port
         self.host = host
         self.heartbeat_interval = heartbeat_interval
+        self._attach_to = kernel_id
         self.max_output_bytes = _check_limit(max_output_bytes)
         self.max_history = max_history
         self._token = token
@@ -470,7 +492,8 @@ class ExecutionClient:
         await self.disconnect()
 
     async def connect(self, retries: int = 10, retry_interval: float = 1.0) -> None:
-        """Create a kernel and connect to it. Cancelled or failed, it leaves no kernel behind.
+        """Create a kernel (or find the one `kernel_id` names) and connect to it. Cancelled or failed,
+        it leaves no kernel behind (and a kernel it was to attach to running).
 
         Args:
             retries: How many times to try reaching the gateway.
@@ -480,6 +503,7 @@ class ExecutionClient:
             InvalidStateError: The client is connected or connecting already.
             AuthenticationError: The gateway rejected the secret (no retry).
             KernelLimitError: The container runs its maximum number of kernels.
+            RequestRefusedError: The gateway runs no kernel `kernel_id` (HTTP 404).
             ServerConnectionError: The gateway could not be reached after all tries.
         """
         if self._state in (ClientState.CONNECTING, ClientState.CONNECTED):
@@ -495,6 +519,7 @@ class ExecutionClient:
             self.heartbeat_interval,
             # A message no execution could keep is refused by its header, before it is buffered.
             0 if limit is None else limit + FRAME_SLACK,
+            self._attach_to,
         )
         try:
             await transport.connect(retries, retry_interval)
@@ -525,19 +550,25 @@ class ExecutionClient:
                 await self.disconnect()
                 raise
 
-    async def disconnect(self) -> None:
+    async def disconnect(self, shutdown: bool = True) -> None:
         """Shut the kernel down and close the connection. Safe to call repeatedly; pending executions
-        fail with `ServerConnectionError`. Runs to its end even when the caller is cancelled."""
+        fail with `ServerConnectionError`. Runs to its end even when the caller is cancelled.
+
+        Args:
+            shutdown: False leaves the kernel running in the gateway with its state, for a later
+                `ExecutionClient(port, kernel_id=...)` (this process or another, see
+                `ExecutionContainer.attach`). It runs until shut down, or the container is removed.
+        """
         if self._closing is None:
             if self._transport is None:
                 if self._state is not ClientState.CONNECTING:
                     self._state = ClientState.CLOSED
                 return
-            self._closing = asyncio.create_task(self._close())
+            self._closing = asyncio.create_task(self._close(shutdown))
         closing = self._closing
         await asyncio.shield(closing)
 
-    async def _close(self) -> None:
+    async def _close(self, shutdown: bool = True) -> None:
         transport, self._transport = self._transport, None
         channel, self._channel = self._channel, None
         desk, self._desk = self._desk, None
@@ -548,7 +579,7 @@ class ExecutionClient:
             if channel is not None:
                 await channel.close(ServerConnectionError("the client disconnected"))
             if transport is not None:
-                await transport.close()
+                await transport.close(shutdown)
         finally:
             self._closing = None
 

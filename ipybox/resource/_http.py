@@ -9,12 +9,18 @@ bounded is inactivity (`ResourceClient(inactivity_timeout=...)`): connecting, ea
 bytes (aiohttp's `sock_connect` and `sock_read`), and each wait for the connection to take the next
 chunk of an upload (`transfer()`'s watch). A stall becomes a ServerConnectionError naming the
 operation, the route and the option.
+
+A paused sandbox (`ExecutionContainer.pause()`) moves no data, and that is no stall: a request waits
+for the sandbox to be resumed before it is sent, and an upload's watch does not run while the sandbox
+is frozen. aiohttp's own wait for response bytes cannot be held, so a request already sent when the
+sandbox is paused fails after `inactivity_timeout` (60 s by default) of pause, saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -28,6 +34,9 @@ from ipybox._errors import (
     ServerConnectionError,
     TransferStalledError,
 )
+
+_FROZEN_POLL = 0.25
+"""Seconds between looks at the freezer while a request waits for a paused sandbox."""
 
 DEFAULT_INACTIVITY_TIMEOUT = 60.0
 """Seconds a transfer may go without progress before it is given up (ResourceClient's default)."""
@@ -50,6 +59,7 @@ class Link:
     session: aiohttp.ClientSession
     where: str  # the base URL and the route taken, for messages
     inactivity_timeout: float | None
+    frozen: Callable[[], bool] = lambda: False  # is the sandbox paused? (ipybox._freezer)
 
 
 class UploadWatch:
@@ -64,14 +74,22 @@ class UploadWatch:
         self._timeout = timeout
         self._seconds = seconds
         self._open = True
+        self._armed = False
 
     def arm(self) -> None:
         if self._open and self._seconds is not None:
+            self._armed = True
             self._timeout.reschedule(asyncio.get_running_loop().time() + self._seconds)
 
     def disarm(self) -> None:
         if self._open:
+            self._armed = False
             self._timeout.reschedule(None)
+
+    def hold(self) -> None:
+        """The sandbox is paused: the running deadline starts again (called while it stays frozen)."""
+        if self._armed:
+            self.arm()
 
     def close(self) -> None:
         """The request is over; a body writer still running must not touch the deadline any more."""
@@ -113,17 +131,31 @@ def _stalled(link: Link, action: str, what: str, seconds: float | None) -> Trans
 async def transfer(link: Link, action: str, read_timeout: float | None = None) -> AsyncIterator[UploadWatch]:
     """Map what goes wrong during the request `action` to ipybox errors, stalls included.
 
-    `read_timeout`: the request's `sock_read` when it is not the link's inactivity timeout.
+    `read_timeout`: the request's `sock_read` when it is not the link's inactivity timeout. The request
+    is sent once the sandbox is not paused; while it is paused, the upload watch is held.
     """
+    while link.frozen():
+        await asyncio.sleep(_FROZEN_POLL)
     timeout = asyncio.timeout(None)
     watch = UploadWatch(timeout, link.inactivity_timeout)
+    paused = [0.0]
+    holder = asyncio.create_task(_hold_while_frozen(link, watch, paused)) if link.inactivity_timeout else None
     try:
         async with timeout:
             try:
                 yield watch
             finally:
                 watch.close()
+                if holder is not None:
+                    holder.cancel()
     except (TimeoutError, aiohttp.ClientError) as exc:
+        if paused[0] and isinstance(exc, aiohttp.ServerTimeoutError) and not timeout.expired():
+            raise _stalled(
+                link,
+                action,
+                f"the sandbox was paused for {paused[0]:.0f} s while the request waited",
+                link.inactivity_timeout if read_timeout is None else read_timeout,
+            ) from exc
         if timeout.expired():
             raise _stalled(link, action, "the server took no data", link.inactivity_timeout) from exc
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -134,6 +166,16 @@ async def transfer(link: Link, action: str, read_timeout: float | None = None) -
         if isinstance(exc, aiohttp.ClientError):
             raise ServerConnectionError(f"{action}: the resource server does not answer: {exc}") from exc
         raise
+
+
+async def _hold_while_frozen(link: Link, watch: UploadWatch, paused: list[float]) -> None:
+    """Keep restarting the upload watch while the sandbox is paused; count the paused time in `paused[0]`."""
+    while True:
+        began = time.monotonic()
+        await asyncio.sleep(_FROZEN_POLL)
+        if link.frozen():
+            watch.hold()
+            paused[0] += time.monotonic() - began
 
 
 async def raise_for_response(response: aiohttp.ClientResponse, action: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from ipybox import _routes, _tokens
+from ipybox import _freezer, _routes, _tokens
 from ipybox._errors import AuthenticationError, InvalidStateError, ResourceError, ServerConnectionError
 from ipybox._labels import RESOURCE_PORT
 from ipybox.resource import _files, _mcp, _modules
@@ -150,7 +150,13 @@ class ResourceClient:
     def _connected(self) -> Link:
         if self._session is None:
             raise InvalidStateError("ResourceClient is not connected: call connect() first")
-        return Link(self._session, f"{self._base_url} ({self._via})", self.inactivity_timeout)
+        host, port = self.host, self.port
+        return Link(
+            self._session,
+            f"{self._base_url} ({self._via})",
+            self.inactivity_timeout,
+            lambda: _freezer.frozen(host, port),
+        )
 
     # -- files and directories (paths are relative to /app in the sandbox) -----------------------
 

@@ -62,7 +62,21 @@ def test_remove_stale_keeps_live_containers(runtime_dir: Path) -> None:
     _tokens.register("127.0.0.1", 1, "a", "alive")
     _tokens.register("127.0.0.1", 2, "b", "gone")
     _tokens.remove_stale({"alive"})
-    assert sorted(p.name for p in runtime_dir.iterdir()) == ["localhost-1.token"]
+    assert sorted(p.name for p in runtime_dir.iterdir()) == ["alive.token", "localhost-1.token"]
+
+
+def test_a_record_is_found_by_container_id_and_removed_with_it(runtime_dir: Path) -> None:
+    cid = "c" * 64
+    _tokens.register("127.0.0.1", 5001, "secret", cid)
+    _tokens.register("127.0.0.1", 5002, "secret", cid)
+    assert (runtime_dir / f"{cid}.token").stat().st_mode & 0o777 == 0o600
+    assert _tokens.container_token(cid) == "secret"
+    assert _tokens.container_token("d" * 64) is None
+    assert _tokens.recorded_container("localhost", 5001) == (cid, 0)
+    _tokens.unregister("127.0.0.1", 5001, cid)
+    _tokens.unregister("127.0.0.1", 5002, cid)
+    assert not list(runtime_dir.iterdir())
+    assert _tokens.container_token(cid) is None
 
 
 def test_new_tokens_are_long_and_distinct() -> None:

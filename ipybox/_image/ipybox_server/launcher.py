@@ -35,6 +35,9 @@ def gateway_config(token: str) -> Config:
     # A cap on kernels (the gateway answers 403 past it): set by the host from ExecutionContainer.
     config.KernelGatewayApp.max_kernels = int(os.environ.get("IPYBOX_MAX_KERNELS", "16"))
     config.KernelGatewayApp.auth_token = token
+    # GET /api/kernels: a process that attaches to a running sandbox finds its kernels (the token
+    # grants everything already; the listing tells ids, names and activity, nothing more).
+    config.JupyterWebsocketPersonality.list_kernels = True
     # The gateway's default IOPub rate limits drop output (10 MB printed in one cell arrives as a
     # warning and nothing else); ipybox promises that no output is dropped silently.
     config.ZMQChannelsWebsocketConnection.limit_rate = False
