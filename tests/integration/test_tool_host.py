@@ -2,7 +2,8 @@
 modules, and nothing of their parameters enters the sandbox.
 
 Servers on the host: the repository's stdio test server, tests/mcp_server/host_server.py (a marker in its
-env, its pid, sleeps, exits mid-call) and server-everything from npm (`npx`, fetched from the registry).
+env, its pid, sleeps, exits mid-call), mcp-server-time from PyPI (`uvx`) and server-everything from npm
+(`npx`), both fetched from the registries.
 """
 
 from __future__ import annotations
@@ -156,6 +157,29 @@ async def test_an_http_server_only_the_host_reaches(
         found = json.loads(await output(client, MARKER_SCAN.replace("MARKERS", reversed_markers), timeout=300))
         assert found[marker] == [], "the header reached the sandbox"
         assert found[loopback_http_server] == [], "the server's URL reached the sandbox"
+
+
+async def test_a_pypi_server_on_the_host(container: ExecutionContainer, client: ExecutionClient) -> None:
+    # mcp-server-time from PyPI, run by uvx on the host (uv is a dev dependency; it reads the host's CA bundle
+    # from SSL_CERT_FILE, which the SDK's default environment for stdio servers leaves out).
+    uvx = Path(sys.executable).with_name("uvx")
+    env = {
+        name: os.environ[name] for name in ("SSL_CERT_FILE", "UV_INDEX_URL", "UV_DEFAULT_INDEX") if name in os.environ
+    }
+    params = {"command": str(uvx), "args": ["mcp-server-time==2026.10.19"], "env": env}
+    async with ToolHost(container.resource_port, {"hosttime": params}) as tools:
+        assert sorted((await tools.generate_mcp_sources("hostpkgs"))["hosttime"]) == [
+            "convert_time",
+            "get_current_time",
+        ]
+        text = await output(
+            client,
+            "from hostpkgs.hosttime.get_current_time import Params, get_current_time\n"
+            "now = get_current_time(Params(timezone='UTC'))\n"
+            "print(now.timezone)\n",
+        )
+        assert text == "UTC"
+        assert tools.stats()["hosttime"]["calls"] >= 1
 
 
 async def test_an_npm_server_on_the_host(container: ExecutionContainer, client: ExecutionClient) -> None:
