@@ -7,12 +7,16 @@ import contextlib
 import enum
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipybox._errors import InvalidStateError, IpyboxError
 from ipybox.container import ExecutionContainer
 from ipybox.executor import ExecutionClient
+
+if TYPE_CHECKING:
+    from ipybox.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,13 @@ class Sandbox:
         # (it then counts as healthy), and a local engine's container is checked with one procfs read.
         return not self._closed and not self.container._known_gone() and _connected(self.client)
 
+    async def snapshot(self, path: str | Path | None = None, *, timeout: float = 60) -> Snapshot:
+        """Snapshot this sandbox's `/app` and its clients' namespaces: `ipybox.snapshot.snapshot(self, ...)`,
+        which returns a `Snapshot`."""
+        from ipybox.snapshot import snapshot
+
+        return await snapshot(self, path, timeout=timeout)
+
     async def close(self) -> None:
         """Disconnect the client and remove the container. Safe to call repeatedly."""
         if self._closed:
@@ -64,9 +75,12 @@ class Sandbox:
         for callback in self._on_close:
             callback(self)
         try:
-            await asyncio.gather(*(client.disconnect() for client in self.clients), return_exceptions=True)
+            results = await asyncio.gather(*(client.disconnect() for client in self.clients), return_exceptions=True)
         finally:
             await self.container.kill()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -226,11 +240,11 @@ class SandboxPool:
             self._wake.set()
             await sandbox.close()
 
-    async def restore(self, snapshot: Any, *, timeout: float = 60) -> Sandbox:
+    async def restore(self, snapshot: Snapshot | str | Path, *, timeout: float = 60) -> Sandbox:
         """A pooled sandbox with a snapshot restored into it: `fork(snapshot, 1)[0]`."""
         return (await self.fork(snapshot, 1, timeout=timeout))[0]
 
-    async def fork(self, snapshot: Any, n: int, *, timeout: float = 60) -> list[Sandbox]:
+    async def fork(self, snapshot: Snapshot | str | Path, n: int, *, timeout: float = 60) -> list[Sandbox]:
         """`n` pooled sandboxes, each with the snapshot's files and namespaces restored into it.
 
         The snapshot (a `Snapshot` or its path) is verified completely first; the sandboxes are taken

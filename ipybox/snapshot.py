@@ -123,6 +123,14 @@ class Snapshot:
                 merged[name if index == 0 else f"{name} (kernel {index})"] = why
         return merged
 
+    async def restore(self, *, timeout: float = 60, **container_options: Any) -> Sandbox:
+        """`restore(self, ...)`: a new sandbox from this snapshot."""
+        return await restore(self, timeout=timeout, **container_options)
+
+    async def fork(self, n: int, *, timeout: float = 60, **container_options: Any) -> list[Sandbox]:
+        """`fork(self, n, ...)`: `n` independent new sandboxes from this snapshot."""
+        return await fork(self, n, timeout=timeout, **container_options)
+
     def delete(self) -> None:
         """Remove the snapshot's directory."""
         shutil.rmtree(self.path, ignore_errors=True)
@@ -224,7 +232,9 @@ async def restore(snapshot: Snapshot | str | Path, *, timeout: float = 60, **con
     Args:
         snapshot: A `Snapshot` or the path of one.
         timeout: Seconds the kernels may take to load their namespaces.
-        **container_options: Options for the new `ExecutionContainer`.
+        **container_options: Options for the new `ExecutionContainer`, and `firewall` (a list of
+            allowed destinations, as `SandboxPool` takes it) applied before anything is restored.
+            A `memory_limit` given here also re-derives `tmp_size`/`app_size` unless they are given.
 
     Returns:
         A running `Sandbox` (`sandbox.clients`: one connected client per kernel, in snapshot order;
@@ -309,7 +319,8 @@ async def _capture(
         finally:
             if clients:
                 with contextlib.suppress(IpyboxError, OSError, TimeoutError):
-                    await asyncio.wait_for(_silent(clients[0], f"{_NAMESPACE}.discard({str(APP_DIR / temp)!r})"), 10)
+                    # Not waited for long: queued behind a running cell, it still runs once that ends.
+                    await asyncio.wait_for(_silent(clients[0], f"{_NAMESPACE}.discard({str(APP_DIR / temp)!r})"), 2)
     kernels = [
         {
             "file": f"kernels/{index}.pkl",
@@ -357,7 +368,11 @@ def _temp_directory() -> Path:
 
 
 def _restore_options(snap: Snapshot, options: dict[str, Any]) -> dict[str, Any]:
-    recorded = snap._manifest.get("options", {})
+    recorded = dict(snap._manifest.get("options", {}))
+    if "memory_limit" in options:
+        # The recorded caps may have been derived from the old limit: derive them from the new one.
+        for name in ("tmp_size", "app_size"):
+            recorded.pop(name, None)
     merged: dict[str, Any] = {name: recorded[name] for name in _OPTIONS if name in recorded}
     merged["tag"] = snap.image.get("tag") or merged.get("tag")
     merged.update(options)

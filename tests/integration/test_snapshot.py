@@ -173,6 +173,10 @@ async def test_pool_fork_restores_into_pooled_sandboxes(
         one = await pool.restore(snap.path)
         async with one:
             assert (await one.client.execute("print(y)")).text == "{'a': 1}"
+            await one.client.execute("y['b'] = 2")
+            again = await one.snapshot(work / "again")
+    async with await again.restore(labels=session_labels()) as sandbox:
+        assert (await sandbox.client.execute("print(y)")).text == "{'a': 1, 'b': 2}"
 
 
 def _flip(path: Path) -> None:
@@ -265,3 +269,14 @@ async def test_load_failure_names_the_module(make_container: ContainerFactory, w
     with pytest.raises(SnapshotError, match="module 'mymod'"):
         await restore(snap, labels=session_labels())
     assert await _containers() == before
+
+
+async def test_full_app_is_a_clear_error_and_leaves_nothing(make_container: ContainerFactory, work: Path) -> None:
+    container = await make_container(app_size="16m")
+    async with ExecutionClient(port=container.executor_port) as client:
+        await client.execute("big = bytes(32 * 2**20)")
+        with pytest.raises(SnapshotError, match="No space left in /app"):
+            await snapshot(container, work / "s", clients=[client])
+        left = await client.execute("import glob; print(glob.glob('/app/.ipybox-snapshot-*'), len(big))")
+        assert left.text == f"[] {32 * 2**20}"
+    assert list(work.iterdir()) == []

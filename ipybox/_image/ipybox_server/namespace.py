@@ -18,6 +18,7 @@ which the host reads from the reply's user expression (hex survives IPython's re
 
 from __future__ import annotations
 
+import errno
 import importlib
 import io
 import json
@@ -120,8 +121,14 @@ def capture(path: str, not_after: float) -> None:
     mode = "one pass"
     try:
         _dump(values, path)
-    except OSError:
+    except OSError as exc:
         _discard(path)
+        if exc.errno == errno.ENOSPC:
+            raise OSError(
+                exc.errno,
+                "No space left in /app for the namespace's pickle: a snapshot writes it there first "
+                "(as big as the namespace; raise ExecutionContainer(app_size=...) or free room)",
+            ) from exc
         raise
     except Exception:
         mode = "per variable"
