@@ -166,7 +166,8 @@ async def snapshot(
     """Snapshot a running sandbox: its `/app` and the namespace of each client's kernel.
 
     Each kernel is captured by a silent request on a connection of the snapshot's own (no execution
-    count, no history, nothing in the clients' results); it queues behind a cell that is running. The
+    count, no history, nothing in the clients' results); it queues behind a cell that is running. A
+    paused sandbox is resumed for the snapshot and paused again. The
     namespaces are captured first, then `/app` is read: a cell or a background thread running meanwhile
     can change files in between (nothing is stopped).
 
@@ -175,7 +176,8 @@ async def snapshot(
         path: The snapshot's directory, which must not exist (default: a new one under
             `~/.local/share/ipybox/snapshots/`).
         clients: Connected clients whose kernels to capture, in the order a restore recreates them.
-            Default: a `Sandbox`'s clients; none for a container (then only files are captured).
+            Default: a `Sandbox`'s clients; for a container, every kernel it runs
+            (`ExecutionContainer.kernel_ids()`, oldest first). `[]`: files only.
         timeout: Seconds for the whole snapshot, waiting behind a running cell included.
 
     Returns:
@@ -189,6 +191,43 @@ async def snapshot(
     container, kernels = _source(source, clients)
     if container.container_id is None:
         raise SnapshotError("the container is not running: nothing to snapshot")
+    paused = container.paused
+    if paused:
+        await container.resume()  # the kernels and the resource server must run to be read
+    try:
+        async with _kernel_clients(
+            container, kernels, isinstance(source, ExecutionContainer) and clients is None
+        ) as found:
+            return await _snapshot(container, found, path, timeout)
+    finally:
+        if paused:
+            await container.pause()
+
+
+@contextlib.asynccontextmanager
+async def _kernel_clients(
+    container: ExecutionContainer, clients: list[ExecutionClient], find: bool
+) -> AsyncIterator[list[ExecutionClient]]:
+    """`clients`, or (`find`) clients of our own for every kernel the gateway runs, left running after."""
+    if not find:
+        yield clients
+        return
+    found: list[ExecutionClient] = []
+    try:
+        for kernel_id in await container.kernel_ids():
+            client = ExecutionClient(
+                port=container.executor_port, host=_client_host(container.host), kernel_id=kernel_id
+            )
+            await client.connect()
+            found.append(client)
+        yield found
+    finally:
+        await asyncio.gather(*(client.disconnect(shutdown=False) for client in found), return_exceptions=True)
+
+
+async def _snapshot(
+    container: ExecutionContainer, kernels: list[ExecutionClient], path: str | Path | None, timeout: float
+) -> Snapshot:
     created = datetime.now(UTC)
     snap_id = f"{created:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     final = Path(path) if path is not None else fmt.default_directory() / snap_id
@@ -444,7 +483,7 @@ async def _load_into(sandbox: Sandbox, snap: Snapshot, timeout: float, any_image
             uploads.append(
                 (
                     fmt.HashedFile(snap.path, kernel["file"], manifest),
-                    f"files/{temp}/{index}.pkl",
+                    f"files/{temp}-{index}/namespace.pkl",
                     "application/octet-stream",
                 )
             )
@@ -457,7 +496,8 @@ async def _load_into(sandbox: Sandbox, snap: Snapshot, timeout: float, any_image
             *(
                 _silent(
                     client,
-                    f"{_NAMESPACE}.restore({str(APP_DIR / temp / f'{index}.pkl')!r}, "
+                    # A directory per kernel: each load removes its own when done.
+                    f"{_NAMESPACE}.restore({str(APP_DIR / f'{temp}-{index}' / 'namespace.pkl')!r}, "
                     f"{json.dumps(kernel.get('modules', {})).encode().hex()!r})",
                 )
                 for index, (client, kernel) in enumerate(

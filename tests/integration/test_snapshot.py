@@ -280,3 +280,32 @@ async def test_full_app_is_a_clear_error_and_leaves_nothing(make_container: Cont
         left = await client.execute("import glob; print(glob.glob('/app/.ipybox-snapshot-*'), len(big))")
         assert left.text == f"[] {32 * 2**20}"
     assert list(work.iterdir()) == []
+
+
+async def test_every_kernel_of_a_container_by_default(make_container: ContainerFactory, work: Path) -> None:
+    container = await make_container()
+    async with ExecutionClient(port=container.executor_port) as first:
+        await first.execute("who = 'first'")
+        async with ExecutionClient(port=container.executor_port) as second:
+            await second.execute("who = 'second'")
+            snap = await snapshot(container, work / "s")  # no clients: the gateway's kernels
+            assert (await first.execute("print(who)")).text == "first"  # still connected and working
+    assert len(snap.kernels) == 2
+    async with await restore(snap, labels=session_labels()) as sandbox:
+        assert len(sandbox.clients) == 2
+        seen = [(await client.execute("print(who)")).text for client in sandbox.clients]
+        assert sorted(seen) == ["first", "second"]
+
+
+async def test_snapshot_of_a_paused_sandbox_leaves_it_paused(make_container: ContainerFactory, work: Path) -> None:
+    container = await make_container()
+    async with ExecutionClient(port=container.executor_port) as client:
+        await client.execute("v = 7")
+        await container.pause()
+        try:
+            snap = await snapshot(container, work / "s", clients=[client])
+            assert container.paused
+        finally:
+            await container.resume()
+        assert snap.kernels[0].captured == ["v"]
+        assert (await client.execute("print(v)")).text == "7"
