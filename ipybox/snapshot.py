@@ -243,7 +243,7 @@ async def _snapshot(
                 "created": created.isoformat(),
                 "ipybox": __version__,
                 "image": {"tag": container.tag, "id": container._image_id or ""},
-                "options": _container_options(container),
+                "options": await _container_options(container),
                 "env_names": sorted(container.env),
             }
         )
@@ -330,8 +330,10 @@ def _source(
     return source, list(clients or [])
 
 
-def _container_options(container: ExecutionContainer) -> dict[str, Any]:
-    return {
+async def _container_options(container: ExecutionContainer) -> dict[str, Any]:
+    """The limits the container really runs with: from the engine (an attached container's object only
+    has defaults), else from the object."""
+    options: dict[str, Any] = {
         "memory_limit": container._memory_limit,
         "cpu_limit": container._cpu_limit,
         "pids_limit": container._pids_limit,
@@ -340,6 +342,34 @@ def _container_options(container: ExecutionContainer) -> dict[str, Any]:
         "app_size": container._app_size,
         "max_kernels": container.max_kernels,
     }
+    try:
+        info = await container._container.show()
+    except Exception as exc:  # the object's view is the fallback
+        logger.debug("inspecting %s for its limits failed: %s", container.container_id, exc)
+        return options
+    host = info.get("HostConfig") or {}
+    options["memory_limit"] = host.get("Memory") or None
+    options["cpu_limit"] = (host.get("NanoCpus") or 0) / 1e9 or None
+    options["pids_limit"] = host.get("PidsLimit") if (host.get("PidsLimit") or 0) > 0 else None
+    for limit in host.get("Ulimits") or []:
+        if limit.get("Name") == "nofile":
+            options["open_files_limit"] = limit.get("Soft")
+    tmpfs = host.get("Tmpfs") or {}
+    options["tmp_size"] = _tmpfs_size(tmpfs.get("/tmp")) or options["tmp_size"]
+    options["app_size"] = _tmpfs_size(tmpfs.get(str(APP_DIR)))
+    for entry in (info.get("Config") or {}).get("Env") or []:
+        name, _, value = str(entry).partition("=")
+        if name == "IPYBOX_MAX_KERNELS" and value.isdigit():
+            options["max_kernels"] = int(value)
+    return options
+
+
+def _tmpfs_size(mount_options: str | None) -> int | None:
+    for option in (mount_options or "").split(","):
+        name, _, value = option.partition("=")
+        if name == "size" and value.isdigit():
+            return int(value)
+    return None
 
 
 async def _capture(

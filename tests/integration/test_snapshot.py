@@ -13,7 +13,7 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from ipybox import ExecutionClient, SandboxPool
+from ipybox import ExecutionClient, ExecutionContainer, SandboxPool
 from ipybox import _snapshot_format as fmt
 from ipybox._errors import SnapshotError
 from ipybox.snapshot import Snapshot, fork, restore, snapshot
@@ -309,3 +309,18 @@ async def test_snapshot_of_a_paused_sandbox_leaves_it_paused(make_container: Con
             await container.resume()
         assert snap.kernels[0].captured == ["v"]
         assert (await client.execute("print(v)")).text == "7"
+
+
+async def test_limits_recorded_from_the_engine_and_restored(make_container: ContainerFactory, work: Path) -> None:
+    container = await make_container(memory_limit="1g", pids_limit=300, env={"SECRET": "do-not-store"})
+    attached = await ExecutionContainer.attach(container.container_id or "")  # an object with default limits
+    try:
+        snap = await snapshot(attached, work / "s", clients=[])
+    finally:
+        await attached.detach()
+    options = snap._manifest["options"]
+    assert (options["memory_limit"], options["pids_limit"], options["app_size"]) == (2**30, 300, 2**29)
+    assert "do-not-store" not in (snap.path / "manifest.json").read_text()
+    assert snap.kernels == []
+    async with await restore(snap, labels=session_labels()) as sandbox:
+        assert (sandbox.container._memory_limit, sandbox.container._pids_limit) == (2**30, 300)
