@@ -27,8 +27,9 @@ _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 class Sandbox:
     """One sandbox: a running `ExecutionContainer` and an `ExecutionClient` connected to its kernel.
 
-    Handed out by `SandboxPool`; the kernel has answered once already, so the first `execute` runs at
-    once. Closing it (or leaving `async with`) disconnects the client and removes the container:
+    Handed out by `SandboxPool`, and made by `ipybox.snapshot.restore`/`fork` (then with one client per
+    kernel of the snapshot: `clients`); the kernel has answered once already, so the first `execute`
+    runs at once. Closing it (or leaving `async with`) disconnects the client and removes the container:
     a sandbox is never given to anyone else.
 
     Attributes:
