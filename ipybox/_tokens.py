@@ -159,6 +159,12 @@ def unregister(host: str, port: int, container_id: str = "") -> None:
     path.unlink(missing_ok=True)
 
 
+def registered(host: str, port: int, container_id: str) -> bool:
+    """Whether this process holds the secret of host:port for that container in memory."""
+    record = _registry.get(key(host, port))
+    return record is not None and record.container_id == container_id
+
+
 def forget(host: str, port: int) -> None:
     """Forget the secret of host:port in this process only; the user-only file stays (the container runs on)."""
     _registry.pop(key(host, port), None)

@@ -229,6 +229,7 @@ class ExecutionContainer:
         self._removal_reported = True
         self._paused = False  # as this object last paused, resumed or inspected it (the freezer, when local, wins)
         self._token: str | None = None
+        self._attached = False  # made by attach(), not run()
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -322,6 +323,9 @@ class ExecutionContainer:
         docker, self._docker = self._docker, None
         if container is not None:
             _freezer.note_paused(container.id, False)
+        if self._attached and container is not None:
+            # Attached in the process that started it: the records were the starter's; they go too.
+            self._registered = [p for p in (self._executor_port, self._resource_port) if p is not None]
         for port in self._registered:
             _tokens.unregister(self.host, port, container.id if container is not None else "")
         _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
@@ -488,12 +492,15 @@ class ExecutionContainer:
             attached._state = _State.RUNNING
             attached._paused = bool(state.get("Paused"))
             attached._token = token
+            attached._attached = True
         except BaseException:
             await docker.close()
             raise
         try:
             await attached._read_ports()
             for port in (attached.executor_port, attached.resource_port):
+                if _tokens.registered(host, port, container_id):
+                    continue  # this process started it: its records stay the starter's
                 _tokens.register(host, port, token, container_id, attached._pid, attached._server)
                 attached._registered.append(port)
         except BaseException:
@@ -506,14 +513,13 @@ class ExecutionContainer:
         (the user-only record stays, for `attach()`), close the engine connection. Idempotent;
         the object cannot be used afterwards."""
         self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
-        container, self._container = self._container, None
+        self._container = None
         docker, self._docker = self._docker, None
         for port in self._registered:
             _tokens.forget(self.host, port)
-        _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
+        if self._registered:  # else the records are those of the object that started it, in this process
+            _routes.forget(self.host, self._registered)
         self._registered.clear()
-        if container is not None:
-            _freezer.note_paused(container.id, False)
         if docker is not None:
             await docker.close()
 

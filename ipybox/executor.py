@@ -225,11 +225,12 @@ class Execution:
         # The clock: when it started, and how long calls had waited for approval by then. Time calls
         # of the code wait for approval later is added to the deadline; while one waits, none applies.
         # Time the sandbox spends paused is added too: the clock waits in slices, and a slice that
-        # ends with the sandbox frozen is credited (accurate to a slice; the freezer is read only
-        # when a slice passes without output).
+        # begins or ends with the sandbox frozen is credited (accurate to a slice, never early; the
+        # freezer is read only when a slice passes without output).
         clock = time.monotonic() if self._started else None
         held_before = route.held_time()
         frozen_time = 0.0
+        was_frozen = False
         while not self._done:
             if clock is None or route.holds:
                 item = await self._queue.get()
@@ -245,13 +246,16 @@ class Execution:
                     async with asyncio.timeout(max(0.0, min(remaining, _FROZEN_SLICE))):
                         item = await self._queue.get()
                 except TimeoutError:
-                    if transport is not None and transport.frozen():
+                    frozen = transport is not None and transport.frozen()
+                    if frozen or was_frozen:  # frozen at its end, or at its start (resumed within it)
+                        was_frozen = frozen
                         frozen_time += time.monotonic() - began
                         continue
                     if remaining > _FROZEN_SLICE:
                         continue
                     await self._stop_after_timeout(timeout)
                     raise
+                was_frozen = False  # output arrived: it runs
             yield self._handle(item)
 
     def _handle(self, item: Any) -> tuple[str | None, Event | None]:

@@ -189,23 +189,23 @@ async def test_first_kernel_of_a_fresh_container_is_the_prewarmed_one(make_conta
         assert (await client.execute("print('alive')")).text == "alive"
 
 
-async def test_heartbeat_detects_a_frozen_container(make_container) -> None:  # type: ignore[no-untyped-def]
-    import aiodocker
+async def test_heartbeat_detects_a_silent_server(make_container) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
 
     from ipybox import ExecutionOutcomeUnknownError
 
     container = await make_container()
-    docker = aiodocker.Docker()
-    target = await docker.containers.get(container.container_id)
-    try:
-        async with ExecutionClient(port=container.executor_port, heartbeat_interval=1) as client:
-            execution = await client.submit("import time\ntime.sleep(30)")
-            await target.pause()  # the gateway stops answering pings; the TCP proxy stays up
-            try:
-                # The execution was running when the connection died: whether it ran to its end is unknown.
-                with pytest.raises(ExecutionOutcomeUnknownError):
-                    await asyncio.wait_for(execution.result(timeout=60), 20)
-            finally:
-                await target.unpause()
-    finally:
-        await docker.close()
+    server = container._server
+    assert server is not None
+    async with ExecutionClient(port=container.executor_port, heartbeat_interval=1) as client:
+        execution = await client.submit("import time\ntime.sleep(30)")
+        # The gateway's process stops answering pings (SIGSTOP, not a pause: a paused sandbox is
+        # waited for, tests/integration/test_pause.py); the connection itself stays up.
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            # The execution was running when the connection died: whether it ran to its end is unknown.
+            with pytest.raises(ExecutionOutcomeUnknownError):
+                await asyncio.wait_for(execution.result(timeout=60), 20)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)

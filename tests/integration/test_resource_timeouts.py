@@ -1,14 +1,17 @@
-"""A frozen sandbox (`docker pause`) stalls transfers: ResourceClient reports each stall as a
-ServerConnectionError naming the operation, and its session works again once the sandbox runs (issue 12).
+"""A stalled server (its process stopped with SIGSTOP) stalls transfers: ResourceClient reports each
+stall as a ServerConnectionError naming the operation, and its session works again once the server
+runs (issue 12). A paused sandbox (`docker pause`) is not a stall any more: transfers wait for it
+(tests/integration/test_pause.py).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiodocker
 import pytest
 
 from ipybox import ExecutionContainer, ResourceClient, TransferStalledError
@@ -18,17 +21,15 @@ STALL = 1.0
 
 @asynccontextmanager
 async def paused(container: ExecutionContainer) -> AsyncIterator[None]:
-    assert container.container_id is not None
-    docker = aiodocker.Docker()
+    """The sandbox's server process stopped (SIGSTOP from the host): it answers nothing, while the
+    container is not paused (the freezer says thawed) and the connection stays open."""
+    server = container._server
+    assert server is not None, "the server process was not identified (a local engine is needed)"
+    os.kill(server.pid, signal.SIGSTOP)
     try:
-        handle = docker.containers.container(container.container_id)
-        await handle.pause()
-        try:
-            yield
-        finally:
-            await handle.unpause()
+        yield
     finally:
-        await docker.close()
+        os.kill(server.pid, signal.SIGCONT)
 
 
 @pytest.fixture
