@@ -324,3 +324,16 @@ async def test_limits_recorded_from_the_engine_and_restored(make_container: Cont
     assert snap.kernels == []
     async with await restore(snap, labels=session_labels()) as sandbox:
         assert (sandbox.container._memory_limit, sandbox.container._pids_limit) == (2**30, 300)
+
+
+async def test_archive_query_options_are_checked(make_container: ContainerFactory) -> None:
+    from ipybox.resource.client import ResourceClient
+
+    container = await make_container()
+    async with ResourceClient(port=container.resource_port) as resources:
+        link = resources._connected()
+        async with link.session.get("/directories/", params={"exclude_mounts": "yes"}) as response:
+            assert response.status == 400 and "exclude_mounts" in (await response.json())["error"]
+        params = [("exclude", "../x"), ("exclude", "/abs"), ("exclude", "")]
+        async with link.session.get("/directories/", params=params) as response:
+            assert response.status == 200  # names no member has leave nothing out
