@@ -26,6 +26,7 @@ from ipybox._errors import (
     RequestRefusedError,
     ResourceError,
     ServerConnectionError,
+    SnapshotError,
     ToolHostError,
     TransferStalledError,
 )
@@ -48,6 +49,7 @@ from ipybox.outputs import (
 )
 from ipybox.pool import Sandbox, SandboxPool
 from ipybox.resource.client import ResourceClient
+from ipybox.snapshot import KernelReport, Snapshot, list_snapshots
 from ipybox.tool_host import ToolHost
 
 __all__ = [
@@ -85,6 +87,7 @@ __all__ = [
     "KernelDiedError",
     "KernelError",
     "KernelLimitError",
+    "KernelReport",
     "Output",
     "RemoteFileNotFoundError",
     "RemotePathError",
@@ -95,6 +98,8 @@ __all__ = [
     "Sandbox",
     "SandboxPool",
     "ServerConnectionError",
+    "Snapshot",
+    "SnapshotError",
     "Stderr",
     "Stdout",
     "ToolCallRequest",
@@ -102,4 +107,5 @@ __all__ = [
     "ToolHostError",
     "TransferStalledError",
     "__version__",
+    "list_snapshots",
 ]

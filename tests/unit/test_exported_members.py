@@ -13,6 +13,7 @@ def test_all_is_sorted_and_matches_public_namespace() -> None:
         "mcp_server",
         "approvals",
         "tool_host",
+        "snapshot",
     }
     exported = set(ipybox.__all__) - {"__version__"}
     assert public == exported
