@@ -135,7 +135,12 @@ def register(
         if by_id != path:
             link = by_id.with_suffix(".tmp")
             link.unlink(missing_ok=True)
-            os.link(path, link)
+            try:
+                os.link(path, link)
+            except OSError:  # a file system without hard links: a copy, user-only from the start
+                fd = os.open(link, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as file:
+                    file.write(path.read_text())
             os.replace(link, by_id)
 
 
