@@ -245,9 +245,11 @@ class KernelTransport:
         yield Closed()
 
     async def kernel_action(self, action: str, doing: str, timeout: aiohttp.ClientTimeout) -> None:
-        """POST /api/kernels/<id>/<action> (interrupt, restart)."""
+        """POST /api/kernels/<id>/<action> (interrupt, restart), once the sandbox is not paused (a frozen
+        gateway would hold the request, and its timeout would run, until the resume)."""
         if self._session is None or self.kernel_id is None:
             raise ServerConnectionError(f"{doing} the kernel failed: the client disconnected")
+        await self.wait_thawed()
         try:
             async with self._session.post(f"/api/kernels/{self.kernel_id}/{action}", timeout=timeout) as response:
                 if response.status >= 400:
