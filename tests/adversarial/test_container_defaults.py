@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 
 import aiodocker
@@ -70,10 +71,10 @@ async def test_no_setuid_binaries_no_engine_sockets_read_only_kernel_interfaces(
     )
     lines = (result.text or "").splitlines()
     assert lines[0] == "setuid: []"
-    # The only sockets are ipybox's own servers' (the host's same-process route); no engine socket.
-    assert lines[1] == "sockets: ['/run/ipybox/executor.sock', '/run/ipybox/resource.sock']" or lines[1] == (
-        "sockets: ['/run/ipybox/resource.sock', '/run/ipybox/executor.sock']"
-    ), lines[1]
+    # The only sockets are ipybox's own servers': the host's same-process routes and the kernels' tools
+    # socket (mcp-generation.md); no engine socket.
+    sockets = sorted(ast.literal_eval(lines[1].removeprefix("sockets: ")))
+    assert sockets == ["/run/ipybox/executor.sock", "/run/ipybox/resource.sock", "/run/ipybox/tools.sock"], lines[1]
     assert "True" not in lines[2], lines[2]
 
 
