@@ -49,7 +49,7 @@ RESOURCE_ROUTES = [
 ]
 EXECUTOR_ROUTES = [
     Route("executor", "GET", "/api", ok=200),
-    Route("executor", "GET", "/api/kernels", ok=403),  # listing is off in the gateway (list_kernels)
+    Route("executor", "GET", "/api/kernels", ok=200),  # listing is on (attach, ps): the token grants it
     Route("executor", "POST", "/api/kernels"),
     Route("executor", "GET", "/api/kernelspecs", ok=200),
     Route("executor", "GET", "/api/kernels/{kernel}", ok=200),
