@@ -46,15 +46,15 @@ async def test_a_running_cell_finishes_after_a_long_pause(
 
 
 async def test_a_timeout_does_not_count_while_paused(make_container: ContainerFactory) -> None:
-    # The 4 s timeout would pass during the 6 s pause: the old client interrupted the kernel at resume.
+    # The 5 s timeout would pass during the 7 s pause: the old client interrupted the kernel at resume.
     container = await make_container(memory_limit="1g")
     async with ExecutionClient(port=container.executor_port) as client:
         code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0:\n    pass\nprint('done')"
         execution = await client.submit(code)
-        waiting = asyncio.ensure_future(execution.result(timeout=4))
+        waiting = asyncio.ensure_future(execution.result(timeout=5))
         await asyncio.sleep(0.5)
         await container.pause()
-        await asyncio.sleep(6)
+        await asyncio.sleep(7)
         await container.resume()
         result = await asyncio.wait_for(waiting, 30)
         assert result.text == "done"
@@ -68,11 +68,12 @@ async def test_a_pause_outside_ipybox_is_seen_too(make_container: ContainerFacto
         raw = await docker.containers.get(container.container_id or "")
         async with ExecutionClient(port=container.executor_port, heartbeat_interval=1) as client:
             execution = await client.submit(PRINTING_CELL)
-            waiting = asyncio.ensure_future(execution.result(timeout=5))
+            # The 8 s timeout passes during the 8 s pause unless the pause is credited.
+            waiting = asyncio.ensure_future(execution.result(timeout=8))
             await asyncio.sleep(1.0)
             await raw.pause()
             assert container.paused
-            await asyncio.sleep(6)
+            await asyncio.sleep(8)
             await raw.unpause()
             result = await asyncio.wait_for(waiting, 30)
             assert result.text.split() == LINES
