@@ -11,9 +11,10 @@ import logging
 import os
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiodocker
 import aiohttp
@@ -44,6 +45,11 @@ from ipybox._limits import parse_memory
 from ipybox._process import Process
 from ipybox._pull import ensure_image
 from ipybox._version import __version__
+
+if TYPE_CHECKING:  # snapshot.py and pool.py import this module
+    from ipybox.executor import ExecutionClient
+    from ipybox.pool import Sandbox
+    from ipybox.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -522,6 +528,38 @@ class ExecutionContainer:
         self._registered.clear()
         if docker is not None:
             await docker.close()
+
+    async def snapshot(
+        self, path: str | Path | None = None, *, clients: Sequence[ExecutionClient] | None = None, timeout: float = 60
+    ) -> Snapshot:
+        """Snapshot this sandbox's `/app` and its kernels' namespaces (all kernels, or those of `clients`)
+        into a directory on the host: `ipybox.snapshot.snapshot(self, ...)`, which says what is kept."""
+        from ipybox.snapshot import snapshot
+
+        return await snapshot(self, path, clients=clients, timeout=timeout)
+
+    async def fork(
+        self,
+        n: int,
+        *,
+        clients: Sequence[ExecutionClient] | None = None,
+        timeout: float = 60,
+        **container_options: Any,
+    ) -> list[Sandbox]:
+        """`n` independent new sandboxes from a temporary snapshot of this one: `ipybox.snapshot.fork`."""
+        from ipybox.snapshot import fork
+
+        return await fork(self, n, clients=clients, timeout=timeout, **container_options)
+
+    @classmethod
+    async def restore(
+        cls, snapshot: Snapshot | str | Path, *, timeout: float = 60, **container_options: Any
+    ) -> Sandbox:
+        """A new running sandbox from a snapshot (a `Snapshot` or its directory), checked before anything of
+        it reaches the sandbox: `ipybox.snapshot.restore`. Returns a `Sandbox` (container and clients)."""
+        from ipybox.snapshot import restore
+
+        return await restore(snapshot, timeout=timeout, **container_options)
 
     async def init_firewall(self, allowed_domains: list[str] | None = None) -> None:
         """Initialize firewall rules to restrict internet access to a whitelist of allowed domains,

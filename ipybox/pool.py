@@ -61,6 +61,14 @@ class Sandbox:
         # (it then counts as healthy), and a local engine's container is checked with one procfs read.
         return not self._closed and not self.container._known_gone() and _connected(self.client)
 
+    async def pause(self) -> None:
+        """Freeze the sandbox (`ExecutionContainer.pause()`); its clients wait, timeouts stopped."""
+        await self.container.pause()
+
+    async def resume(self) -> None:
+        """Thaw the sandbox (`ExecutionContainer.resume()`)."""
+        await self.container.resume()
+
     async def snapshot(self, path: str | Path | None = None, *, timeout: float = 60) -> Snapshot:
         """Snapshot this sandbox's `/app` and its clients' namespaces: `ipybox.snapshot.snapshot(self, ...)`,
         which returns a `Snapshot`."""
