@@ -6,8 +6,8 @@ Cold start (ExecutionContainer entered -> first result of `print(1)`), warm star
 (acquired -> first result), trivial cell round trip against the kernel's own floor measured in the
 same run, 10 MB of stdout, idle memory of one sandbox, how many idle sandboxes live at once each
 answering a cell, 100 MB transfers against `docker cp`, and MCP tool calls from a cell (first and
-warm). With `--record FILE` the table is also appended to FILE's history section with the date and
-commit. Needs a Docker engine and the image (scripts/test builds it).
+warm), pause/resume (bench/lifecycle.py). With `--record FILE` the table is also appended to FILE's
+history section with the date and commit. Needs a Docker engine and the image (scripts/test builds it).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 import aiodocker
+import lifecycle  # bench/lifecycle.py
 import tool_calls  # bench/tool_calls.py
 import transfer  # bench/transfer.py: this directory is on sys.path
 
@@ -248,6 +249,16 @@ async def main(tag: str, runs: int, cells: int, fleet_size: int, calls: int) -> 
             f"{first_call * ms:.0f} / {call_p50 * ms:.2f} / {call_p95 * ms:.2f} ms",
             "<= 10 ms p50",
             _met(call_p50 <= 0.01),
+        )
+    )
+    paused = await lifecycle.measure(tag, runs * 3)
+    figures.append(
+        Figure(
+            f"pause / resume p50 ({runs * 3} each; "
+            f"p95 {paused['pause_p95'] * ms:.0f} / {paused['resume_p95'] * ms:.0f} ms)",
+            f"{paused['pause_p50'] * ms:.1f} / {paused['resume_p50'] * ms:.1f} ms",
+            "<= 50 ms p50 each",
+            _met(max(paused["pause_p50"], paused["resume_p50"]) <= 0.05),
         )
     )
     memory = await idle_memory(tag)
