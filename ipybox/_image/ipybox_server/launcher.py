@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from tornado import web as tornado_web
 from tornado.netutil import bind_unix_socket
 from traitlets.config import Config
 
-from ipybox_server import approvals, origin, prewarm, resource, tools
+from ipybox_server import approvals, lifecycle, origin, prewarm, resource, tools
 
 EXECUTOR_PORT = 8888
 RESOURCE_PORT = 8900
@@ -82,14 +83,15 @@ def guard_gateway(web_app: tornado_web.Application, allowed_hosts: frozenset[str
     web_app.find_handler = guarded_find_handler  # type: ignore[method-assign]
 
 
-async def start_resource_server(token: str, allowed_hosts: frozenset[str]) -> None:
-    runner = web.AppRunner(resource.create_app(token, allowed_hosts), access_log=None)
+async def start_resource_server(token: str, allowed_hosts: frozenset[str], watchdog: lifecycle.Watchdog) -> None:
+    runner = web.AppRunner(resource.create_app(token, allowed_hosts, watchdog), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", RESOURCE_PORT).start()
     await web.UnixSite(runner, RESOURCE_SOCKET).start()
     os.chmod(RESOURCE_SOCKET, 0o600)
     # Before the ready line: a kernel's first tool call may come with the first cell.
     await tools.start_socket()
+    watchdog.ready(time.monotonic())
     print(READY_LINE, flush=True)
 
 
@@ -104,11 +106,25 @@ def listen_on_unix_socket(http_server: Any) -> None:
     http_server.add_socket(bind_unix_socket(EXECUTOR_SOCKET, mode=0o600))
 
 
+def stop_sandbox(reason: str) -> None:
+    """End the sandbox: the server exits, docker-init with it, and the engine stops (and, with AutoRemove,
+    removes) the container. At once, without shutting kernels down one by one: nothing in the sandbox
+    outlives its container, and an owner that is gone waits for nothing."""
+    print(f"ipybox_server: ending the sandbox: {reason}", flush=True)
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(token: str) -> None:
     from kernel_gateway.gatewayapp import KernelGatewayApp
 
     try:
         allowed_hosts = origin.allowed_hosts(os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"ipybox_server: {exc}") from exc
+
+    try:
+        watchdog = lifecycle.Watchdog.from_environ(time.monotonic())
     except ValueError as exc:
         raise SystemExit(f"ipybox_server: {exc}") from exc
 
@@ -128,8 +144,13 @@ def main(token: str) -> None:
         listen_on_unix_socket(app.http_server)
         app.kernel_manager.prestart()
         approvals.use_kernel_manager(app.kernel_manager)
-        task = asyncio.ensure_future(start_resource_server(token, allowed_hosts))
+        task = asyncio.ensure_future(start_resource_server(token, allowed_hosts, watchdog))
         task.add_done_callback(on_resource_started)
+        if watchdog.armed:
+            watchdog_task = asyncio.ensure_future(lifecycle.run(watchdog, app.kernel_manager, stop_sandbox))
+            watchdog_tasks.add(watchdog_task)
+
+    watchdog_tasks: set[asyncio.Task[None]] = set()  # a reference, so the task is not collected
 
     app.io_loop.add_callback(schedule)
     app.start()

@@ -160,6 +160,24 @@ SPEC: dict[str, Any] = {
     },
     "security": [{"token": []}],
     "paths": {
+        "/lease": {
+            "get": {
+                "operationId": "holdLease",
+                "summary": "Hold the sandbox's owner lease: a websocket the owner keeps open without traffic.",
+                "description": (
+                    "A sandbox started with `owner_bound` ends itself when the last lease has been closed "
+                    "for its grace period (the owner died). Only a websocket upgrade is accepted; a plain "
+                    "GET is refused with 400."
+                ),
+                "responses": {
+                    "101": {"description": "Switching to the websocket; the lease is held until it closes."},
+                    **{
+                        code: {"$ref": f"#/components/responses/{_NAMES[code]}"}
+                        for code in ("400", "401", "403", "507")
+                    },
+                },
+            }
+        },
         "/status": {
             "get": {
                 "operationId": "getStatus",

@@ -13,10 +13,11 @@ unexpected exception into a 500 that names it (a bug: the fuzz test fails on any
 import errno
 import hmac
 import logging
+import time
 
 from aiohttp import hdrs, web
 
-from ipybox_server import files, mcp_sources, modules, openapi, origin, tool_hosts, tools
+from ipybox_server import files, lifecycle, mcp_sources, modules, openapi, origin, tool_hosts, tools
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,14 @@ async def openapi_description(request: web.Request) -> web.Response:
     return web.json_response(openapi.SPEC)
 
 
-def create_app(token: str, allowed_hosts: frozenset[str] = frozenset()) -> web.Application:
+def create_app(
+    token: str, allowed_hosts: frozenset[str] = frozenset(), watchdog: lifecycle.Watchdog | None = None
+) -> web.Application:
     # client_max_size=0: uploads stream through handlers, so no whole-body size cap applies here.
-    app = web.Application(middlewares=[json_errors, require_allowed_origin, require_token], client_max_size=0)
+    # note_activity after require_token: only an authenticated request keeps the sandbox from idling.
+    app = web.Application(
+        middlewares=[json_errors, require_allowed_origin, require_token, lifecycle.note_activity], client_max_size=0
+    )
     app[TOKEN_KEY] = token
     app[ALLOWED_HOSTS_KEY] = allowed_hosts
     app.router.add_get("/status", status)
@@ -110,4 +116,5 @@ def create_app(token: str, allowed_hosts: frozenset[str] = frozenset()) -> web.A
     mcp_sources.add_routes(app)
     tools.add_routes(app)
     tool_hosts.add_routes(app)
+    lifecycle.add_routes(app, watchdog if watchdog is not None else lifecycle.Watchdog(time.monotonic()))
     return app
