@@ -26,6 +26,18 @@ sandboxes only. HELPER_OF_LABEL names the sandbox's container id."""
 
 HELPER_OF_LABEL = "ai.gradion.ipybox.helper-of"
 
+IDLE_TIMEOUT_LABEL = "ai.gradion.ipybox.idle-timeout"
+"""A sandbox's `idle_timeout` in seconds (absent: none)."""
+
+MAX_LIFETIME_LABEL = "ai.gradion.ipybox.max-lifetime"
+"""A sandbox's `max_lifetime` in seconds (absent: none)."""
+
+EXPIRES_LABEL = "ai.gradion.ipybox.expires"
+"""Unix time at which a sandbox with `max_lifetime` ends itself (for a reaper of paused or wedged ones)."""
+
+OWNER_LABEL = "ai.gradion.ipybox.owner"
+"""On an owner-bound sandbox: `<boot id>:<pid>` of the process that started it (it holds the lease)."""
+
 EXECUTOR_PORT = 8888
 """Container port of the Jupyter Kernel Gateway."""
 

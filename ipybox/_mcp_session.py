@@ -51,6 +51,8 @@ class SandboxOptions:
     """Spare sandboxes kept ready (SandboxPool), so `reset(new_sandbox=True)` switches at once."""
     tool_servers: dict[str, dict[str, Any]] = field(default_factory=dict)
     """MCP servers run on the host (a ToolHost per sandbox), as packages `/app/mcptools/<name>/`."""
+    owner_bound: bool = True
+    """Sandboxes (pooled spares too) remove themselves when this process dies, SIGKILL included."""
 
 
 class PathNotAllowedError(PermissionError):
@@ -184,6 +186,7 @@ class Sandbox:
             "cpu_limit": options.cpu_limit,
             "pids_limit": options.pids_limit,
             "labels": options.labels,
+            "owner_bound": options.owner_bound,
         }
 
     async def _new_sandbox(self) -> PooledSandbox:

@@ -17,8 +17,11 @@ async def image_present(tag: str) -> bool:
         await docker.close()
 
 
-async def run_code(source: str, *, tag: str, timeout: float) -> ExecutionResult:
-    """Run `source` in a new container and kernel, remove both, and return the output."""
-    async with ExecutionContainer(tag=tag) as container:
+async def run_code(source: str, *, tag: str, timeout: float, owner_bound: bool = True) -> ExecutionResult:
+    """Run `source` in a new container and kernel, remove both, and return the output.
+
+    Owner-bound by default: a `ipybox run` killed before it can remove the sandbox leaves nothing behind.
+    """
+    async with ExecutionContainer(tag=tag, owner_bound=owner_bound) as container:
         async with ExecutionClient(port=container.executor_port) as client:
             return await client.execute(source, timeout=timeout)

@@ -55,6 +55,15 @@ def build(
     build_command(tag, dependencies, root, base_image or default_base_image())
 
 
+OwnerBoundOption = Annotated[
+    bool,
+    typer.Option(
+        "--owner-bound/--no-owner-bound",
+        help="Remove the sandbox when this process dies, even by SIGKILL (it holds a lease on the sandbox).",
+    ),
+]
+
+
 @app.command()
 def run(
     code: Annotated[str | None, typer.Argument(help="Python code to run.")] = None,
@@ -66,6 +75,7 @@ def run(
     images_dir: Annotated[
         Path, typer.Option("--images-dir", help="Where images the code displays are saved as PNG files.")
     ] = Path("."),
+    owner_bound: OwnerBoundOption = True,
 ) -> None:
     """Run code in a fresh sandbox, print its output and save its images.
 
@@ -81,7 +91,7 @@ def run(
         if not asyncio.run(image_present(tag)):
             err.print(f"ipybox: image {tag} not found; building it now (first use)")
             build(tag=tag, dependencies=None, root=False, base_image=None)
-        result = asyncio.run(run_code(source, tag=tag, timeout=timeout))
+        result = asyncio.run(run_code(source, tag=tag, timeout=timeout, owner_bound=owner_bound))
     except ExecutionError as exc:
         err.print(exc.trace or exc.message, markup=False, highlight=False)
         raise typer.Exit(1) from None
@@ -226,6 +236,7 @@ def mcp(
             dir_okay=False,
         ),
     ] = None,
+    owner_bound: OwnerBoundOption = True,
 ) -> None:
     """Serve the sandbox as an MCP server over stdio (for Claude Desktop, Claude Code, Cursor, ...)."""
     from ipybox import mcp_server
@@ -277,6 +288,7 @@ def mcp(
             max_output_chars=max_output_chars,
             pool=pool,
             tool_servers=tool_servers,
+            owner_bound=owner_bound,
         )
     except (ValueError, OSError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)

@@ -32,8 +32,12 @@ from ipybox._labels import (
     CONTAINER_LABEL,
     EXECUTOR_PORT,
     EXECUTOR_SOCKET,
+    EXPIRES_LABEL,
     GID_LABEL,
     HELPER_LABEL,
+    IDLE_TIMEOUT_LABEL,
+    MAX_LIFETIME_LABEL,
+    OWNER_LABEL,
     READY_LINE,
     RESOURCE_PORT,
     RESOURCE_SOCKET,
@@ -64,6 +68,8 @@ _PAUSE_ATTEMPTS = 3
 _KERNELS_TIMEOUT = aiohttp.ClientTimeout(total=10)
 _REMOVE_TIMEOUT = 60.0
 """Seconds kill() waits for the engine to remove the container; it keeps waiting through cancellations."""
+_LEASE_TIMEOUT = 10.0
+"""Seconds to open the owner lease on each route."""
 
 
 class _Derived(enum.Enum):
@@ -147,6 +153,23 @@ class ExecutionContainer:
             Other names are refused (a DNS-rebinding defence).
         max_kernels: Most kernels (one per ExecutionClient) the container runs at once; more are
             refused with HTTP 403.
+        idle_timeout: Seconds without activity after which the sandbox removes itself: no kernel
+            message, no busy kernel (a long silent cell counts as activity) and no resource request.
+            Counted in awake time: time paused does not count. None: never.
+        max_lifetime: Seconds after the start at which the sandbox removes itself, whatever it is
+            doing (time paused counts). None: never. A sandbox paused at that moment cannot act on
+            it: it stays until resumed or removed.
+        owner_bound: Remove the sandbox when this process dies, SIGKILL included. The process holds a
+            lease (a connection to the sandbox's resource server, without traffic) from `run()` until
+            `kill()` or `detach()`; once the last lease has been closed for `owner_grace` seconds, the
+            sandbox removes itself. A busy process (its event loop blocked) keeps its lease.
+            `attach()` to an owner-bound sandbox takes a lease too, for as long as it is attached.
+        owner_grace: Seconds an owner-bound sandbox waits for a lease to come back (also after the
+            start, before the first lease).
+
+        With any of `idle_timeout`, `max_lifetime` or `owner_bound`, the container is created with
+        Docker's AutoRemove: once the sandbox ends itself (its server exits) the engine removes it,
+        its logs included. Sandboxes without them are unaffected.
 
     Raises:
         ValueError: A container path in `binds` is absolute or contains "..", or a limit is invalid.
@@ -183,6 +206,10 @@ class ExecutionContainer:
         allowed_hosts: list[str] | None = None,
         max_kernels: int = 16,
         dns: list[str] | None = None,
+        idle_timeout: float | None = None,
+        max_lifetime: float | None = None,
+        owner_bound: bool = False,
+        owner_grace: float = 10,
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -216,6 +243,15 @@ class ExecutionContainer:
         if open_files_limit < 64:
             raise ValueError(f"open_files_limit must be at least 64, got {open_files_limit}")
         self._open_files_limit = open_files_limit
+        for option, seconds in (("idle_timeout", idle_timeout), ("max_lifetime", max_lifetime)):
+            if seconds is not None and not seconds > 0:
+                raise ValueError(f"{option} must be a positive number of seconds or None, got {seconds}")
+        if not owner_grace > 0:
+            raise ValueError(f"owner_grace must be a positive number of seconds, got {owner_grace}")
+        self.idle_timeout = idle_timeout
+        self.max_lifetime = max_lifetime
+        self.owner_bound = owner_bound
+        self.owner_grace = owner_grace
         self._tmp_size, self._app_size = _file_caps(self._memory_limit, tmp_size, app_size)
         _check_file_caps(self._memory_limit, self._tmp_size, self._app_size)
         for container_path in self.binds.values():
@@ -236,6 +272,7 @@ class ExecutionContainer:
         self._paused = False  # as this object last paused, resumed or inspected it (the freezer, when local, wins)
         self._token: str | None = None
         self._attached = False  # made by attach(), not run()
+        self._lease: _Lease | None = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -327,6 +364,9 @@ class ExecutionContainer:
         self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
         container, self._container = self._container, None
         docker, self._docker = self._docker, None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.release()
         if container is not None:
             _freezer.note_paused(container.id, False)
         if self._attached and container is not None:
@@ -509,6 +549,9 @@ class ExecutionContainer:
                     continue  # this process started it: its records stay the starter's
                 _tokens.register(host, port, token, container_id, attached._pid, attached._server)
                 attached._registered.append(port)
+            if labels.get(OWNER_LABEL):
+                attached.owner_bound = True
+                attached._lease = await _Lease.take(host, attached.resource_port, token)
         except BaseException:
             await attached.detach()
             raise
@@ -521,6 +564,9 @@ class ExecutionContainer:
         self._state = _State.KILLED if self._state is not _State.NEW else _State.NEW
         self._container = None
         docker, self._docker = self._docker, None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.release()
         for port in self._registered:
             _tokens.forget(self.host, port)
         if self._registered:  # else the records are those of the object that started it, in this process
@@ -672,6 +718,33 @@ class ExecutionContainer:
         for port in (self.executor_port, self.resource_port):
             _tokens.register(self.host, port, token, container_id, self._pid, self._server)
             self._registered.append(port)
+        if self.owner_bound:
+            self._lease = await _Lease.take(self.host, self.resource_port, token)
+
+    @property
+    def _self_ending(self) -> bool:
+        return self.idle_timeout is not None or self.max_lifetime is not None or self.owner_bound
+
+    def _lifecycle_env(self) -> list[str]:
+        env = []
+        if self.idle_timeout is not None:
+            env.append(f"IPYBOX_IDLE_TIMEOUT={self.idle_timeout:g}")
+        if self.max_lifetime is not None:
+            env.append(f"IPYBOX_MAX_LIFETIME={self.max_lifetime:g}")
+        if self.owner_bound:
+            env.append(f"IPYBOX_OWNER_GRACE={self.owner_grace:g}")
+        return env
+
+    def _lifecycle_labels(self) -> dict[str, str]:
+        labels = {}
+        if self.idle_timeout is not None:
+            labels[IDLE_TIMEOUT_LABEL] = f"{self.idle_timeout:g}"
+        if self.max_lifetime is not None:
+            labels[MAX_LIFETIME_LABEL] = f"{self.max_lifetime:g}"
+            labels[EXPIRES_LABEL] = f"{time.time() + self.max_lifetime:.0f}"
+        if self.owner_bound:
+            labels[OWNER_LABEL] = f"{_boot_id()}:{os.getpid()}"
+        return labels
 
     def _running_container(self) -> Any:
         if self._container is None or self._state is not _State.RUNNING:
@@ -731,13 +804,17 @@ class ExecutionContainer:
             host_config["NanoCpus"] = int(self._cpu_limit * 1e9)
         if self._pids_limit is not None:
             host_config["PidsLimit"] = self._pids_limit
+        if self._self_ending:
+            # The sandbox ends itself by its server exiting (ipybox_server.lifecycle); the engine removes it.
+            host_config["AutoRemove"] = True
         return {
             "Image": self.tag,
             "Env": [f"{key}={value}" for key, value in self.env.items()]
             + [f"IPYBOX_MAX_KERNELS={self.max_kernels}"]
-            + ([f"IPYBOX_ALLOWED_HOSTS={','.join(self.allowed_hosts)}"] if self.allowed_hosts else []),
+            + ([f"IPYBOX_ALLOWED_HOSTS={','.join(self.allowed_hosts)}"] if self.allowed_hosts else [])
+            + self._lifecycle_env(),
             "ExposedPorts": {f"{EXECUTOR_PORT}/tcp": {}, f"{RESOURCE_PORT}/tcp": {}},
-            "Labels": {**self.labels, CONTAINER_LABEL: "true", VERSION_LABEL: __version__},
+            "Labels": {**self.labels, **self._lifecycle_labels(), CONTAINER_LABEL: "true", VERSION_LABEL: __version__},
             "HostConfig": host_config,
         }
 
@@ -918,7 +995,9 @@ async def _remove(container: Any, docker: aiodocker.Docker | None) -> None:
                 async with asyncio.timeout(_REMOVE_TIMEOUT):
                     await container.delete(force=True, v=True)
             except aiodocker.DockerError as exc:
-                if exc.status != 404:  # already gone is what we want
+                # Already gone is what we want; 409 "removal already in progress": the engine's AutoRemove
+                # of a sandbox that ended itself got there first.
+                if exc.status != 404 and not _removal_in_progress(exc):
                     raise ContainerError(f"removing failed: {exc.message}", container_id=container.id) from exc
             except TimeoutError:
                 raise ContainerError(
@@ -935,6 +1014,65 @@ async def _remove(container: Any, docker: aiodocker.Docker | None) -> None:
     finally:
         if docker is not None:
             await docker.close()
+
+
+def _removal_in_progress(exc: aiodocker.DockerError) -> bool:
+    return exc.status == 409 and "already in progress" in str(exc.message)
+
+
+def _boot_id() -> str:
+    # With the pid, names the owner across reboots (a pid reused after one is another process).
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class _Lease:
+    """An owner's hold on an owner-bound sandbox: a websocket to the resource server's `GET /lease`.
+
+    Nothing is sent on it, so no task is needed and a blocked event loop does not lose it: it lives as
+    socket state in the kernel, which closes it when the process dies however it dies. It is opened
+    through the same verified routes as `ResourceClient` (the unix socket first, then the published port).
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._session = session
+        self._ws = ws
+
+    @classmethod
+    async def take(cls, host: str, port: int, token: str) -> _Lease:
+        routes = [
+            *_routes.direct_sessions(host, port, RESOURCE_PORT),
+            (f"http://{host}:{port}", _routes.published_connector(host, port, RESOURCE_PORT), "published port"),
+        ]
+        last_error: BaseException | None = None
+        for base_url, connector, route in routes:
+            session = aiohttp.ClientSession(
+                base_url,
+                headers={"Authorization": f"token {token}"},
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=_LEASE_TIMEOUT),
+            )
+            try:
+                async with asyncio.timeout(_LEASE_TIMEOUT):
+                    ws = await session.ws_connect(
+                        "/lease", heartbeat=None, autoping=False, timeout=aiohttp.ClientWSTimeout(ws_close=1.0)
+                    )
+                return cls(session, ws)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                logger.info("taking the owner lease via %s failed: %s", route, exc)
+                last_error = exc
+                await session.close()
+            except BaseException:
+                await session.close()
+                raise
+        raise ServerConnectionError(f"could not take the owner lease of the sandbox at {host}:{port}: {last_error}")
+
+    async def release(self) -> None:
+        # Closing the session closes the websocket's connection at once, without a close handshake that a
+        # paused (frozen) server could not answer.
+        await self._session.close()
 
 
 def _port_spec(port: int | None) -> str:

@@ -1,0 +1,78 @@
+"""Host side of sandboxes that end themselves: what `ExecutionContainer` asks the engine for, and a
+kill() that races the engine's AutoRemove."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiodocker
+import pytest
+
+from ipybox import ContainerError, ExecutionContainer
+from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL
+from ipybox.container import _remove
+
+LIFECYCLE_ENV = ("IPYBOX_IDLE_TIMEOUT=", "IPYBOX_MAX_LIFETIME=", "IPYBOX_OWNER_GRACE=")
+
+
+def lifecycle_env(config: dict[str, Any]) -> list[str]:
+    return [entry for entry in config["Env"] if entry.startswith(LIFECYCLE_ENV)]
+
+
+def test_default_config_has_no_lifecycle() -> None:
+    config = ExecutionContainer()._container_config((1000, 1000))
+    assert "AutoRemove" not in config["HostConfig"]
+    assert lifecycle_env(config) == []
+    assert not {IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, EXPIRES_LABEL, OWNER_LABEL} & set(config["Labels"])
+
+
+def test_options_reach_the_server_and_the_labels() -> None:
+    container = ExecutionContainer(idle_timeout=30, max_lifetime=3600.5, owner_bound=True, owner_grace=4)
+    config = container._container_config((1000, 1000))
+    assert config["HostConfig"]["AutoRemove"] is True
+    assert sorted(lifecycle_env(config)) == [
+        "IPYBOX_IDLE_TIMEOUT=30",
+        "IPYBOX_MAX_LIFETIME=3600.5",
+        "IPYBOX_OWNER_GRACE=4",
+    ]
+    labels = config["Labels"]
+    assert labels[IDLE_TIMEOUT_LABEL] == "30"
+    assert labels[MAX_LIFETIME_LABEL] == "3600.5"
+    assert float(labels[EXPIRES_LABEL]) > 0
+    assert labels[OWNER_LABEL].endswith(f":{os.getpid()}")
+
+
+@pytest.mark.parametrize("option", ["idle_timeout", "max_lifetime"])
+def test_one_option_alone_turns_on_auto_remove(option: str) -> None:
+    config = ExecutionContainer(**{option: 5})._container_config((0, 0))
+    assert config["HostConfig"]["AutoRemove"] is True
+    assert OWNER_LABEL not in config["Labels"]
+
+
+@pytest.mark.parametrize(
+    "options", [{"idle_timeout": 0}, {"max_lifetime": -1}, {"owner_grace": 0}, {"idle_timeout": float("nan")}]
+)
+def test_invalid_lifecycle_options_raise(options: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="seconds"):
+        ExecutionContainer(**options)  # type: ignore[arg-type]
+
+
+class _Gone:
+    id = "c0ffee"
+
+    def __init__(self, status: int, message: str) -> None:
+        self.error = aiodocker.DockerError(status, {"message": message})
+
+    async def delete(self, **_: Any) -> None:
+        raise self.error
+
+
+async def test_removal_already_in_progress_counts_as_gone() -> None:
+    await _remove(_Gone(409, "removal of container c0ffee is already in progress"), None)
+    await _remove(_Gone(404, "No such container: c0ffee"), None)
+
+
+async def test_other_conflicts_still_raise() -> None:
+    with pytest.raises(ContainerError, match="removing failed"):
+        await _remove(_Gone(409, "You cannot remove a running container"), None)
