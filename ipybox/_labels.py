@@ -35,6 +35,9 @@ MAX_LIFETIME_LABEL = "ai.gradion.ipybox.max-lifetime"
 EXPIRES_LABEL = "ai.gradion.ipybox.expires"
 """Unix time at which a sandbox with `max_lifetime` ends itself (for a reaper of paused or wedged ones)."""
 
+WORKSPACE_LABEL = "ai.gradion.ipybox.workspace"
+"""On a named volume ipybox created for `workspace=` (value "true"); on a sandbox, the workspace it mounts."""
+
 OWNER_LABEL = "ai.gradion.ipybox.owner"
 """On an owner-bound sandbox: `<boot id>:<pid>` of the process that started it (it holds the lease)."""
 

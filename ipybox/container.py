@@ -9,6 +9,7 @@ import io
 import ipaddress
 import logging
 import os
+import re
 import tarfile
 import time
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from ipybox._labels import (
     TOKEN_PATH,
     UID_LABEL,
     VERSION_LABEL,
+    WORKSPACE_LABEL,
 )
 from ipybox._limits import parse_memory
 from ipybox._process import Process
@@ -68,6 +70,8 @@ _PAUSE_ATTEMPTS = 3
 _KERNELS_TIMEOUT = aiohttp.ClientTimeout(total=10)
 _REMOVE_TIMEOUT = 60.0
 """Seconds kill() waits for the engine to remove the container; it keeps waiting through cancellations."""
+_VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+"""Docker's rule for volume names."""
 _LEASE_TIMEOUT = 10.0
 """Seconds to open the owner lease on each route."""
 
@@ -167,6 +171,13 @@ class ExecutionContainer:
         owner_grace: Seconds an owner-bound sandbox waits for a lease to come back (also after the
             start, before the first lease).
 
+        workspace: Name of a Docker volume mounted at `/app` instead of the tmpfs, so files there
+            outlive the sandbox: a later sandbox with the same `workspace` finds them. Created (and
+            labelled) when missing; a new volume starts as a copy of the image's `/app`, owned by the
+            sandbox user. Not size-capped (its writes go to the engine host's disk and do not count as
+            memory), so `app_size` cannot be given with it. `kill()` keeps it (`docker volume rm` removes
+            it). One running sandbox per workspace: `run()` refuses a second.
+
         With any of `idle_timeout`, `max_lifetime` or `owner_bound`, the container is created with
         Docker's AutoRemove: once the sandbox ends itself (its server exits) the engine removes it,
         its logs included. Sandboxes without them are unaffected.
@@ -210,6 +221,7 @@ class ExecutionContainer:
         max_lifetime: float | None = None,
         owner_bound: bool = False,
         owner_grace: float = 10,
+        workspace: str | None = None,
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -252,6 +264,16 @@ class ExecutionContainer:
         self.max_lifetime = max_lifetime
         self.owner_bound = owner_bound
         self.owner_grace = owner_grace
+        if workspace is not None:
+            if not isinstance(app_size, _Derived):
+                raise ValueError(
+                    f"app_size cannot be used with workspace={workspace!r}: a workspace volume is not size-capped; "
+                    "leave app_size unset"
+                )
+            if not _VOLUME_NAME.fullmatch(workspace):
+                raise ValueError(f"workspace {workspace!r} is not a Docker volume name ([a-zA-Z0-9][a-zA-Z0-9_.-]+)")
+            app_size = None  # no tmpfs at /app: the volume is mounted there
+        self.workspace = workspace
         self._tmp_size, self._app_size = _file_caps(self._memory_limit, tmp_size, app_size)
         _check_file_caps(self._memory_limit, self._tmp_size, self._app_size)
         for container_path in self.binds.values():
@@ -682,6 +704,8 @@ class ExecutionContainer:
         image_labels = (image.get("Config") or {}).get("Labels") or {}
         sandbox_ids = (int(image_labels.get(UID_LABEL, "0")), int(image_labels.get(GID_LABEL, "0")))
 
+        if self.workspace is not None:
+            await self._prepare_workspace(self.workspace)
         token = _tokens.new_token()
         config = self._container_config(sandbox_ids, _image_home(image))
         with docker_errors("creating the container"):
@@ -720,6 +744,24 @@ class ExecutionContainer:
             self._registered.append(port)
         if self.owner_bound:
             self._lease = await _Lease.take(self.host, self.resource_port, token)
+
+    async def _prepare_workspace(self, name: str) -> None:
+        assert self._docker is not None
+        with docker_errors(f"checking workspace volume {name!r}"):
+            users = await self._docker.containers.list(
+                all=True, filters={"volume": [name], "status": ["created", "restarting", "running", "paused"]}
+            )
+        if users:
+            raise ContainerError(
+                f"workspace {name!r} is in use by sandbox {users[0].id[:12]}: one running sandbox per workspace; "
+                "kill that one first, or use another workspace name",
+                container_id=users[0].id,
+            )
+        with docker_errors(f"creating workspace volume {name!r}"):
+            # Returns the existing volume when there is one (its labels unchanged).
+            await self._docker.volumes.create(  # type: ignore[no-untyped-call]
+                {"Name": name, "Labels": {WORKSPACE_LABEL: "true", VERSION_LABEL: __version__}}
+            )
 
     @property
     def _self_ending(self) -> bool:
@@ -804,6 +846,11 @@ class ExecutionContainer:
             host_config["NanoCpus"] = int(self._cpu_limit * 1e9)
         if self._pids_limit is not None:
             host_config["PidsLimit"] = self._pids_limit
+        labels = {**self.labels, **self._lifecycle_labels(), CONTAINER_LABEL: "true", VERSION_LABEL: __version__}
+        if self.workspace is not None:
+            # A named volume: `kill()`'s v=True removes anonymous volumes only, so the workspace stays.
+            host_config["Mounts"] = [{"Type": "volume", "Source": self.workspace, "Target": str(APP_DIR)}]
+            labels[WORKSPACE_LABEL] = self.workspace
         if self._self_ending:
             # The sandbox ends itself by its server exiting (ipybox_server.lifecycle); the engine removes it.
             host_config["AutoRemove"] = True
@@ -814,7 +861,7 @@ class ExecutionContainer:
             + ([f"IPYBOX_ALLOWED_HOSTS={','.join(self.allowed_hosts)}"] if self.allowed_hosts else [])
             + self._lifecycle_env(),
             "ExposedPorts": {f"{EXECUTOR_PORT}/tcp": {}, f"{RESOURCE_PORT}/tcp": {}},
-            "Labels": {**self.labels, **self._lifecycle_labels(), CONTAINER_LABEL: "true", VERSION_LABEL: __version__},
+            "Labels": labels,
             "HostConfig": host_config,
         }
 

@@ -1,4 +1,5 @@
-"""Nothing left behind: sandboxes that end themselves (idle timeout, max lifetime, owner death).
+"""Nothing left behind: sandboxes that end themselves (idle timeout, max lifetime, owner death); and
+what is meant to stay behind: a workspace volume.
 
 Each sandbox here is started by the `make_container` factory (which kills it afterwards: a kill of a
 sandbox that already removed itself must be silent) or by an owner subprocess under the session label
@@ -8,16 +9,18 @@ sandbox that already removed itself must be silent) or by an owner subprocess un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+import uuid
 
 import aiodocker
 import pytest
 
-from ipybox import ExecutionClient, ExecutionContainer, IpyboxError
-from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL
+from ipybox import ContainerError, ExecutionClient, ExecutionContainer, IpyboxError
+from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL, WORKSPACE_LABEL
 
 from .conftest import ContainerFactory, session_labels
 
@@ -235,4 +238,31 @@ async def test_ipybox_run_is_owner_bound(image: str) -> None:
             await process.wait()
         if container_id is not None and await exists(container_id):
             await (await docker.containers.get(container_id)).delete(force=True)
+        await docker.close()
+
+
+async def test_workspace_outlives_its_sandbox_and_serves_one_at_a_time(make_container: ContainerFactory) -> None:
+    name = f"ipybox-test-ws-{uuid.uuid4().hex[:12]}"
+    docker = aiodocker.Docker()
+    try:
+        first = await make_container(workspace=name)
+        volume = await (await docker.volumes.get(name)).show()
+        assert volume["Labels"][WORKSPACE_LABEL] == "true"
+        async with ExecutionClient(port=first.executor_port) as client:
+            # A new volume is a copy of the image's /app: the sandbox user owns it and writes at once.
+            result = await client.execute(
+                "import os\nopen('/app/note.txt', 'w').write('kept')\nprint(os.stat('/app').st_uid == os.getuid())"
+            )
+            assert result.text == "True"
+        with pytest.raises(ContainerError, match="in use by sandbox"):
+            await make_container(workspace=name)
+        await first.kill()
+        await docker.volumes.get(name)  # kill() keeps the workspace
+        second = await make_container(workspace=name)
+        async with ExecutionClient(port=second.executor_port) as client:
+            assert (await client.execute("print(open('/app/note.txt').read())")).text == "kept"
+        await second.kill()
+    finally:
+        with contextlib.suppress(aiodocker.DockerError):
+            await (await docker.volumes.get(name)).delete()
         await docker.close()

@@ -10,7 +10,7 @@ import aiodocker
 import pytest
 
 from ipybox import ContainerError, ExecutionContainer
-from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL
+from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL, WORKSPACE_LABEL
 from ipybox.container import _remove
 
 LIFECYCLE_ENV = ("IPYBOX_IDLE_TIMEOUT=", "IPYBOX_MAX_LIFETIME=", "IPYBOX_OWNER_GRACE=")
@@ -76,3 +76,25 @@ async def test_removal_already_in_progress_counts_as_gone() -> None:
 async def test_other_conflicts_still_raise() -> None:
     with pytest.raises(ContainerError, match="removing failed"):
         await _remove(_Gone(409, "You cannot remove a running container"), None)
+
+
+def test_workspace_mounts_a_named_volume_instead_of_the_app_tmpfs() -> None:
+    container = ExecutionContainer(workspace="ws-1", binds={"/tmp": "data"})
+    config = container._container_config((1000, 1000))
+    assert config["HostConfig"]["Mounts"] == [{"Type": "volume", "Source": "ws-1", "Target": "/app"}]
+    assert "/app" not in config["HostConfig"]["Tmpfs"]
+    assert config["HostConfig"]["Binds"][0].endswith(":/app/data")  # binds still land on top
+    assert config["Labels"][WORKSPACE_LABEL] == "ws-1"
+    assert "Mounts" not in ExecutionContainer()._container_config((1000, 1000))["HostConfig"]
+
+
+@pytest.mark.parametrize("app_size", ["1g", None])
+def test_workspace_with_app_size_raises(app_size: str | None) -> None:
+    with pytest.raises(ValueError, match="app_size cannot be used with workspace"):
+        ExecutionContainer(workspace="ws", app_size=app_size)
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "x", "a b", "../app"])
+def test_workspace_names_follow_docker(name: str) -> None:
+    with pytest.raises(ValueError, match="not a Docker volume name"):
+        ExecutionContainer(workspace=name)
