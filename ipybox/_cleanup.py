@@ -2,20 +2,60 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import aiodocker
 
 from ipybox import _tokens
 from ipybox._docker import connect, docker_errors
-from ipybox._labels import CONTAINER_LABEL
+from ipybox._labels import CONTAINER_LABEL, EXPIRES_LABEL, OWNER_LABEL
 
 
-async def remove_containers(ancestor: str | None = None) -> list[str]:
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def stale_reason(labels: dict[str, str], now: float, this_boot: str) -> str | None:
+    """Why a sandbox is stale by its labels, or None: past its max lifetime (`expires`), or owner-bound and
+    its owner gone. An owner is judged only when it ran on this machine since this boot (the label's boot
+    id is this one); a pid reused since is taken for the owner, so such a sandbox stays (on the safe side)."""
+    expires = labels.get(EXPIRES_LABEL)
+    if expires is not None:
+        try:
+            if float(expires) <= now:
+                return "expired"
+        except ValueError:
+            pass
+    owner = labels.get(OWNER_LABEL)
+    if owner:
+        boot, _, pid = owner.rpartition(":")
+        if boot and boot == this_boot and pid.isdigit() and not _pid_runs(int(pid)):
+            return "owner gone"
+    return None
+
+
+async def remove_containers(ancestor: str | None = None, *, stale: bool = False) -> list[str]:
     """Force-remove ipybox containers and return their ids.
 
     Without `ancestor`, every container labelled as started by ipybox; with it, every container
-    created from that image (labelled or not, e.g. left by an older ipybox).
+    created from that image (labelled or not, e.g. left by an older ipybox). With `stale`, only those
+    of them that `stale_reason` finds stale (paused or wedged ones that could not remove themselves).
     """
     docker = connect()
     try:
@@ -24,13 +64,21 @@ async def remove_containers(ancestor: str | None = None) -> list[str]:
             found: dict[str, Any] = {
                 container.id: container for container in await docker.containers.list(all=True, filters=filters)
             }
+        if stale:
+            now, this_boot = time.time(), boot_id()
+            found = {
+                container_id: container
+                for container_id, container in found.items()
+                if stale_reason(container["Labels"] or {}, now, this_boot) is not None
+            }
         removed = []
         for container_id, container in found.items():
             try:
                 await container.delete(force=True, v=True)
                 removed.append(container_id)
             except aiodocker.DockerError as exc:
-                if exc.status != 404:
+                # 409: an AutoRemove (a sandbox that ended itself) is removing it already.
+                if exc.status != 404 and not (exc.status == 409 and "already in progress" in str(exc.message)):
                     raise
         with docker_errors("listing containers"):
             alive = {container.id for container in await docker.containers.list(all=True)}

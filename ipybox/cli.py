@@ -117,12 +117,19 @@ def cleanup(
         str | None,
         typer.Option("-a", "--ancestor", help="Remove the containers created from this image instead."),
     ] = None,
+    stale: Annotated[
+        bool,
+        typer.Option(
+            "--stale",
+            help="Only sandboxes past their max lifetime, or whose owner process is gone (paused ones included).",
+        ),
+    ] = False,
 ) -> None:
     """Remove ipybox containers (all labelled as ipybox's, or those of one image)."""
     from ipybox._cleanup import remove_containers
 
     try:
-        removed = asyncio.run(remove_containers(ancestor))
+        removed = asyncio.run(remove_containers(ancestor, stale=stale))
     except IpyboxError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None

@@ -21,6 +21,7 @@ import aiodocker
 import aiohttp
 
 from ipybox import _firewall, _freezer, _routes, _tokens
+from ipybox._cleanup import boot_id
 from ipybox._docker import connect, docker_errors
 from ipybox._errors import (
     ContainerError,
@@ -785,7 +786,8 @@ class ExecutionContainer:
             labels[MAX_LIFETIME_LABEL] = f"{self.max_lifetime:g}"
             labels[EXPIRES_LABEL] = f"{time.time() + self.max_lifetime:.0f}"
         if self.owner_bound:
-            labels[OWNER_LABEL] = f"{_boot_id()}:{os.getpid()}"
+            # With the pid, names the owner across reboots (a pid reused after one is another process).
+            labels[OWNER_LABEL] = f"{boot_id()}:{os.getpid()}"
         return labels
 
     def _running_container(self) -> Any:
@@ -1065,14 +1067,6 @@ async def _remove(container: Any, docker: aiodocker.Docker | None) -> None:
 
 def _removal_in_progress(exc: aiodocker.DockerError) -> bool:
     return exc.status == 409 and "already in progress" in str(exc.message)
-
-
-def _boot_id() -> str:
-    # With the pid, names the owner across reboots (a pid reused after one is another process).
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 class _Lease:

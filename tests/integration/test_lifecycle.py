@@ -266,3 +266,18 @@ async def test_workspace_outlives_its_sandbox_and_serves_one_at_a_time(make_cont
         with contextlib.suppress(aiodocker.DockerError):
             await (await docker.volumes.get(name)).delete()
         await docker.close()
+
+
+async def test_cleanup_stale_removes_a_paused_expired_sandbox(image: str, make_container: ContainerFactory) -> None:
+    from ipybox._cleanup import remove_containers
+
+    keep = await make_container()
+    expired = await make_container(max_lifetime=4)
+    await expired.pause()  # frozen: its watchdog cannot end it
+    await asyncio.sleep(5)
+    assert expired.container_id is not None and await exists(expired.container_id)
+    removed = await remove_containers(image, stale=True)
+    assert expired.container_id in removed
+    assert keep.container_id not in removed
+    assert keep.container_id is not None and await exists(keep.container_id)
+    assert not await exists(expired.container_id)

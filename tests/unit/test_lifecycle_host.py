@@ -10,6 +10,7 @@ import aiodocker
 import pytest
 
 from ipybox import ContainerError, ExecutionContainer
+from ipybox._cleanup import stale_reason
 from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL, WORKSPACE_LABEL
 from ipybox.container import _remove
 
@@ -98,3 +99,17 @@ def test_workspace_with_app_size_raises(app_size: str | None) -> None:
 def test_workspace_names_follow_docker(name: str) -> None:
     with pytest.raises(ValueError, match="not a Docker volume name"):
         ExecutionContainer(workspace=name)
+
+
+def test_stale_reasons() -> None:
+    boot = "b00t"
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    assert stale_reason({}, 100.0, boot) is None
+    assert stale_reason({EXPIRES_LABEL: "99"}, 100.0, boot) == "expired"
+    assert stale_reason({EXPIRES_LABEL: "101"}, 100.0, boot) is None
+    assert stale_reason({EXPIRES_LABEL: "soon"}, 100.0, boot) is None
+    assert stale_reason({OWNER_LABEL: f"{boot}:{dead}"}, 100.0, boot) == "owner gone"
+    assert stale_reason({OWNER_LABEL: f"{boot}:{os.getpid()}"}, 100.0, boot) is None
+    # An owner from another boot, or another machine, is not judged.
+    assert stale_reason({OWNER_LABEL: f"other:{dead}"}, 100.0, boot) is None
+    assert stale_reason({OWNER_LABEL: f"{boot}:x"}, 100.0, boot) is None
