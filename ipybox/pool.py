@@ -168,6 +168,17 @@ class SandboxPool:
                     f"{name}={container_options[name]} cannot be used with a pool: its containers would all "
                     f"need the same host port; leave {name} unset (a free port is chosen for each)"
                 )
+        if container_options.get("idle_timeout") is not None:
+            # The timer would run from each spare's start, not from its hand-out: ready spares would expire.
+            raise ValueError(
+                "idle_timeout cannot be used with a pool yet: its ready sandboxes would remove themselves while "
+                "they wait; use max_lifetime, or ExecutionContainer(idle_timeout=...) for a single sandbox"
+            )
+        if container_options.get("workspace") is not None:
+            raise ValueError(
+                f"workspace={container_options['workspace']!r} cannot be used with a pool: a workspace is mounted "
+                "by one running sandbox at a time; use ExecutionContainer(workspace=...)"
+            )
         # Fail on bad options now, not in a background start (the constructor does no I/O).
         ExecutionContainer(**container_options)
         if firewall is not None:

@@ -24,6 +24,15 @@ def test_fixed_ports_are_refused(option: str) -> None:
         SandboxPool(2, **{option: 8888})
 
 
+def test_idle_timeout_and_workspace_are_refused() -> None:
+    # A spare's idle timer would run while it waits to be handed out; a workspace holds one sandbox at a time.
+    with pytest.raises(ValueError, match="idle_timeout cannot be used with a pool yet"):
+        SandboxPool(2, idle_timeout=60)
+    with pytest.raises(ValueError, match="workspace='ws' cannot be used with a pool"):
+        SandboxPool(2, workspace="ws")
+    SandboxPool(2, max_lifetime=3600, owner_bound=True)  # these apply to each sandbox alike
+
+
 def test_unknown_option_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="memory_limt"):
         SandboxPool(1, memory_limt="1g")
