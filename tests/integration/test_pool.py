@@ -183,3 +183,27 @@ async def test_concurrent_closes_both_wait_for_the_removal(image: str) -> None:
     # A second close (e.g. a signal handler that exits right after) must not return before the first's work.
     await asyncio.gather(pool.close(), pool.close())
     assert await _containers(**{"pool-test": marker}) == []
+
+
+async def test_a_pooled_sandbox_pauses_and_resumes_with_its_cell(image: str) -> None:
+    # A pooled sandbox is an ExecutionContainer with a connected client: pausing it must keep the
+    # cell (output complete after resume), keep the sandbox healthy while frozen (the pool's health
+    # check reads the client's websocket, which stays open), and the pool's spare must stay usable.
+    async with _pool(image, 2) as pool:
+        await pool.wait_ready(timeout=READY_TIMEOUT)
+        async with pool.sandbox() as sandbox:
+            code = "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.1)"
+            execution = await sandbox.client.submit(code)
+            waiting = asyncio.ensure_future(execution.result(timeout=10))
+            await asyncio.sleep(0.5)
+            await sandbox.pause()
+            assert sandbox.container.paused
+            await asyncio.sleep(12)  # longer than the cell's timeout: frozen time is not counted
+            assert sandbox.healthy()
+            assert not waiting.done()
+            await sandbox.resume()
+            result = await asyncio.wait_for(waiting, 30)
+            assert result.text.split() == [str(i) for i in range(20)]
+            assert (await sandbox.client.execute("print('after')")).text == "after"
+            async with pool.sandbox() as other:  # the spare was not disturbed by the pause
+                assert (await other.client.execute("print('spare')")).text == "spare"
