@@ -956,8 +956,16 @@ async def list_kernels(host: str, port: int, token: str | None = None) -> list[d
         async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=_KERNELS_TIMEOUT) as session:
             async with session.get(url) as response:
                 if response.status >= 400:
+                    hint = ""
+                    if response.status == 403 and token:
+                        # With a secret (a wrong one gets 401), the gateway answers 403 only to a listing
+                        # it has switched off, as images built before kernel listing (issue 16) do.
+                        hint = (
+                            ": the sandbox's image predates kernel listing; rebuild it with `ipybox build` "
+                            "and start a new sandbox"
+                        )
                     raise ServerConnectionError(
-                        f"listing the kernels at {url} failed: HTTP {response.status}", status=response.status
+                        f"listing the kernels at {url} failed: HTTP {response.status}{hint}", status=response.status
                     )
                 body = await response.json()
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
