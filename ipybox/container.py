@@ -262,6 +262,7 @@ class ExecutionContainer:
         if not owner_grace > 0:
             raise ValueError(f"owner_grace must be a positive number of seconds, got {owner_grace}")
         self.idle_timeout = idle_timeout
+        self._arms_later = False  # a pool's spare: created to end itself, its idle timeout set at hand-out
         self.max_lifetime = max_lifetime
         self.owner_bound = owner_bound
         self.owner_grace = owner_grace
@@ -766,7 +767,33 @@ class ExecutionContainer:
 
     @property
     def _self_ending(self) -> bool:
-        return self.idle_timeout is not None or self.max_lifetime is not None or self.owner_bound
+        return self.idle_timeout is not None or self.max_lifetime is not None or self.owner_bound or self._arms_later
+
+    async def _arm_idle_timeout(self, seconds: float | None) -> None:
+        """Set the running sandbox's idle timeout from now (`PUT /lifecycle`): a pool's hand-out.
+
+        Only for a sandbox created to end itself (AutoRemove): an idle one's server exits and the engine
+        removes the container.
+        """
+        self._running_container()
+        if not self._self_ending:
+            raise InvalidStateError("this sandbox was not created to end itself; pass idle_timeout= at creation")
+        assert self._token is not None
+        connector = _routes.published_connector(self.host, self.resource_port, RESOURCE_PORT)
+        url = f"http://{self.host}:{self.resource_port}/lifecycle"
+        headers = {"Authorization": f"token {self._token}"}
+        try:
+            async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=_KERNELS_TIMEOUT) as session:
+                async with session.put(url, json={"idle_timeout": seconds}) as response:
+                    if response.status >= 400:
+                        raise ServerConnectionError(
+                            f"setting the idle timeout at {url} failed: HTTP {response.status} "
+                            f"{_tail([await response.text()], 3)}",
+                            status=response.status,
+                        )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ServerConnectionError(f"setting the idle timeout at {url} failed: {exc!r}") from exc
+        self.idle_timeout = seconds
 
     def _lifecycle_env(self) -> list[str]:
         env = []

@@ -135,7 +135,9 @@ class SandboxPool:
         max_starting: How many containers the pool starts at the same time.
         **container_options: Options for every `ExecutionContainer` (tag, binds, env, limits,
             labels, network, ...), as `ExecutionContainer` accepts them. Fixed `executor_port` and
-            `resource_port` are refused: the pool's containers would collide on them.
+            `resource_port` are refused: the pool's containers would collide on them; so is
+            `workspace` (one sandbox per workspace). `idle_timeout` counts from the hand-out: spares
+            wait without it and `acquire()` arms it.
 
     Raises:
         ValueError: `size` or `max_starting` is below 1, a fixed port was given, or an option is
@@ -168,12 +170,6 @@ class SandboxPool:
                     f"{name}={container_options[name]} cannot be used with a pool: its containers would all "
                     f"need the same host port; leave {name} unset (a free port is chosen for each)"
                 )
-        if container_options.get("idle_timeout") is not None:
-            # The timer would run from each spare's start, not from its hand-out: ready spares would expire.
-            raise ValueError(
-                "idle_timeout cannot be used with a pool yet: its ready sandboxes would remove themselves while "
-                "they wait; use max_lifetime, or ExecutionContainer(idle_timeout=...) for a single sandbox"
-            )
         if container_options.get("workspace") is not None:
             raise ValueError(
                 f"workspace={container_options['workspace']!r} cannot be used with a pool: a workspace is mounted "
@@ -189,6 +185,8 @@ class SandboxPool:
         self.firewall = None if firewall is None else list(firewall)
         self.max_starting = max_starting
         self.container_options = dict(container_options)
+        # Spares start without it (their timer would run while they wait) and get it at hand-out.
+        self._idle_timeout: float | None = self.container_options.pop("idle_timeout", None)
         self._state = _State.NEW
         self._ready: asyncio.Queue[Sandbox] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
@@ -253,6 +251,12 @@ class SandboxPool:
                 self._handed_out.add(sandbox)
                 sandbox._on_close.append(self._handed_out.discard)
                 self._wake.set()
+                if self._idle_timeout is not None:
+                    try:
+                        await sandbox.container._arm_idle_timeout(self._idle_timeout)
+                    except BaseException:
+                        await sandbox.close()
+                        raise
                 return sandbox
             logger.warning(
                 "discarding pooled sandbox %s: its kernel connection is gone", sandbox.container.container_id
@@ -420,15 +424,19 @@ class SandboxPool:
         await self._announce()
 
     async def _new_sandbox(self) -> Sandbox:
-        return await start_sandbox(self.container_options, self.firewall)
+        return await start_sandbox(self.container_options, self.firewall, arms_later=self._idle_timeout is not None)
 
 
-async def start_sandbox(container_options: dict[str, Any], firewall: list[str] | None = None) -> Sandbox:
+async def start_sandbox(
+    container_options: dict[str, Any], firewall: list[str] | None = None, *, arms_later: bool = False
+) -> Sandbox:
     """Start one sandbox now: the container, its firewall (unless None), a connected, answering client.
 
+    `arms_later`: created to end itself (AutoRemove), its idle timeout set later (a pool's hand-out).
     On failure everything started is removed; errors other than ipybox's are raised as IpyboxError.
     """
     container = ExecutionContainer(**container_options)
+    container._arms_later = arms_later
     client: ExecutionClient | None = None
     try:
         await container.run()

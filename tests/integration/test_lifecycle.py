@@ -19,7 +19,7 @@ import uuid
 import aiodocker
 import pytest
 
-from ipybox import ContainerError, ExecutionClient, ExecutionContainer, IpyboxError
+from ipybox import ContainerError, ExecutionClient, ExecutionContainer, IpyboxError, SandboxPool
 from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL, WORKSPACE_LABEL
 
 from .conftest import ContainerFactory, session_labels
@@ -152,6 +152,24 @@ async def test_idle_timeout_removes_an_unused_sandbox(make_container: ContainerF
     assert time.monotonic() - start >= 3
     print(f"\nidle_timeout 3 s: gone {elapsed:.2f} s after the start returned")
     await container.kill()  # already removed by the engine: silent
+
+
+async def test_a_pool_arms_the_idle_timeout_at_hand_out(image: str) -> None:
+    # Spares wait longer than the idle timeout and are still handed out alive; once handed out, an
+    # unused sandbox removes itself. Before: SandboxPool refused idle_timeout (ValueError).
+    async with SandboxPool(1, tag=image, labels=session_labels(), idle_timeout=3) as pool:
+        await pool.wait_ready(timeout=60)
+        await asyncio.sleep(6)
+        sandbox = await pool.acquire()
+        try:
+            assert sandbox.container.idle_timeout == 3
+            assert (await sandbox.client.execute("print('alive')")).text == "alive"
+            container_id = sandbox.container.container_id
+            assert container_id is not None
+            await sandbox.client.disconnect()
+            await gone_after(container_id, 15)
+        finally:
+            await sandbox.close()
 
 
 async def test_a_sandbox_in_use_is_not_idle(make_container: ContainerFactory) -> None:

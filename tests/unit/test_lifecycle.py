@@ -160,3 +160,29 @@ def test_kernel_activity_and_busy_kernels() -> None:
     assert not activity.active()
     km.kernels["a"].execution_state = "busy"  # a silent long cell is not idle
     assert activity.active()
+
+
+async def test_put_lifecycle_arms_and_disarms_the_idle_timeout() -> None:
+    watchdog = lifecycle.Watchdog(0.0)
+    async with TestClient(TestServer(resource.create_app(TOKEN, watchdog=watchdog))) as client:
+        response = await client.put("/lifecycle", json={"idle_timeout": 2.5}, headers=AUTH)
+        assert response.status == 200
+        assert await response.json() == {"idle_timeout": 2.5, "max_lifetime": None, "owner_grace": None}
+        assert watchdog.armed and watchdog.idle_timeout == 2.5
+        assert ticks(watchdog, 0.0, 3.0) == "idle for idle_timeout=2.5 s"
+        response = await client.put("/lifecycle", json={"idle_timeout": None}, headers=AUTH)
+        assert response.status == 200 and not watchdog.armed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"idle_timeout": 0}, {"idle_timeout": -1}, {"idle_timeout": True}, {"idle_timeout": "5"}, {}, [], {"max_lifetime": 5}],
+)
+async def test_put_lifecycle_refuses_bad_bodies_with_the_shape_named(body: object) -> None:
+    watchdog = lifecycle.Watchdog(0.0, idle_timeout=9.0)
+    async with TestClient(TestServer(resource.create_app(TOKEN, watchdog=watchdog))) as client:
+        response = await client.put("/lifecycle", json=body, headers=AUTH)
+        assert response.status == 400
+        assert "idle_timeout" in (await response.json())["error"]
+        assert watchdog.idle_timeout == 9.0
+        assert (await client.put("/lifecycle", json={"idle_timeout": 1}, headers={})).status == 401

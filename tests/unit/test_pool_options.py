@@ -24,12 +24,15 @@ def test_fixed_ports_are_refused(option: str) -> None:
         SandboxPool(2, **{option: 8888})
 
 
-def test_idle_timeout_and_workspace_are_refused() -> None:
-    # A spare's idle timer would run while it waits to be handed out; a workspace holds one sandbox at a time.
-    with pytest.raises(ValueError, match="idle_timeout cannot be used with a pool yet"):
-        SandboxPool(2, idle_timeout=60)
+def test_workspace_is_refused_and_idle_timeout_waits_for_the_hand_out() -> None:
+    # A workspace holds one sandbox at a time; a spare's idle timer would run while it waits, so the
+    # pool keeps idle_timeout out of the spares' options and arms it at hand-out.
     with pytest.raises(ValueError, match="workspace='ws' cannot be used with a pool"):
         SandboxPool(2, workspace="ws")
+    pool = SandboxPool(2, idle_timeout=60)
+    assert "idle_timeout" not in pool.container_options
+    with pytest.raises(ValueError, match="idle_timeout"):
+        SandboxPool(2, idle_timeout=-1)  # still checked at once
     SandboxPool(2, max_lifetime=3600, owner_bound=True)  # these apply to each sandbox alike
 
 

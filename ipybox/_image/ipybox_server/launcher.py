@@ -146,9 +146,9 @@ def main(token: str) -> None:
         approvals.use_kernel_manager(app.kernel_manager)
         task = asyncio.ensure_future(start_resource_server(token, allowed_hosts, watchdog))
         task.add_done_callback(on_resource_started)
-        if watchdog.armed:
-            watchdog_task = asyncio.ensure_future(lifecycle.run(watchdog, app.kernel_manager, stop_sandbox))
-            watchdog_tasks.add(watchdog_task)
+        # Always: an unarmed watchdog only ticks, and `PUT /lifecycle` can arm it later.
+        watchdog_task = asyncio.ensure_future(lifecycle.run(watchdog, app.kernel_manager, stop_sandbox))
+        watchdog_tasks.add(watchdog_task)
 
     watchdog_tasks: set[asyncio.Task[None]] = set()  # a reference, so the task is not collected
 

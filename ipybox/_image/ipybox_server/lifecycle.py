@@ -15,7 +15,8 @@ sandbox, this works with no host process alive at all (the owner SIGKILLed, a re
   owner whose event loop is blocked keeps its lease. Before the first lease the same grace runs from
   the ready line (an owner killed while starting the sandbox).
 
-`Watchdog` is the decision alone (no I/O, fed a clock); `run` polls the kernels and acts.
+`Watchdog` is the decision alone (no I/O, fed a clock); `run` polls the kernels and acts. The idle
+timeout can be set later too (`PUT /lifecycle`, below): a pool arms it when it hands a sandbox out.
 """
 
 from __future__ import annotations
@@ -140,9 +141,38 @@ async def lease(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def set_limits(request: web.Request) -> web.Response:
+    """`PUT /lifecycle {"idle_timeout": seconds | null}`: (re)arm or disarm the idle timeout, counted from now.
+
+    A `SandboxPool` with `idle_timeout` starts its spares without one and arms it at hand-out, so that a
+    spare does not expire while it waits. Only the idle timeout can change: the lifetime and the owner
+    binding are promises made at create time (and written in the container's labels).
+    """
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="the body must be JSON: {\"idle_timeout\": seconds or null}") from None
+    if not isinstance(body, dict) or set(body) != {"idle_timeout"}:
+        raise web.HTTPBadRequest(text="the body must be exactly {\"idle_timeout\": seconds or null}")
+    value = body["idle_timeout"]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+        raise web.HTTPBadRequest(text=f"idle_timeout must be a positive number of seconds or null, got {value!r}")
+    watchdog = request.app[WATCHDOG_KEY]
+    watchdog.idle_timeout = None if value is None else float(value)
+    watchdog.activity()
+    return web.json_response(
+        {
+            "idle_timeout": watchdog.idle_timeout,
+            "max_lifetime": watchdog.max_lifetime,
+            "owner_grace": watchdog.owner_grace,
+        }
+    )
+
+
 def add_routes(app: web.Application, watchdog: Watchdog) -> None:
     app[WATCHDOG_KEY] = watchdog
     app.router.add_get("/lease", lease)
+    app.router.add_put("/lifecycle", set_limits)
 
 
 class _KernelActivity:
@@ -172,6 +202,9 @@ async def run(watchdog: Watchdog, kernel_manager: Any, stop: Callable[[str], Non
     kernels = _KernelActivity(kernel_manager)
     while True:
         await asyncio.sleep(TICK)
+        if not watchdog.armed:  # nothing to watch (yet: `PUT /lifecycle` may arm the idle timeout)
+            watchdog.tick(time.monotonic())
+            continue
         try:
             if kernels.active():
                 watchdog.activity()

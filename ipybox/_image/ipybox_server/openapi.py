@@ -178,6 +178,41 @@ SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/lifecycle": {
+            "put": {
+                "operationId": "setIdleTimeout",
+                "summary": "Arm, re-arm or disarm the sandbox's idle timeout, counted from now.",
+                "description": (
+                    "A `SandboxPool` with `idle_timeout` starts its spares without one and arms it when it hands "
+                    "a sandbox out. The lifetime and the owner binding are fixed at create time."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["idle_timeout"],
+                                "additionalProperties": False,
+                                "properties": {"idle_timeout": {"type": "number", "nullable": True, "minimum": 0}},
+                            }
+                        }
+                    },
+                },
+                "responses": _responses(
+                    _json(
+                        "The limits now in force (seconds; null for none).",
+                        {
+                            "type": "object",
+                            "properties": {
+                                name: {"type": "number", "nullable": True}
+                                for name in ("idle_timeout", "max_lifetime", "owner_grace")
+                            },
+                        },
+                    )
+                ),
+            }
+        },
         "/status": {
             "get": {
                 "operationId": "getStatus",
