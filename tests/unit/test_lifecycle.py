@@ -176,7 +176,15 @@ async def test_put_lifecycle_arms_and_disarms_the_idle_timeout() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{"idle_timeout": 0}, {"idle_timeout": -1}, {"idle_timeout": True}, {"idle_timeout": "5"}, {}, [], {"max_lifetime": 5}],
+    [
+        {"idle_timeout": 0},
+        {"idle_timeout": -1},
+        {"idle_timeout": True},
+        {"idle_timeout": "5"},
+        {},
+        [],
+        {"max_lifetime": 5},
+    ],
 )
 async def test_put_lifecycle_refuses_bad_bodies_with_the_shape_named(body: object) -> None:
     watchdog = lifecycle.Watchdog(0.0, idle_timeout=9.0)

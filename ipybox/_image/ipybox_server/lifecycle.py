@@ -151,9 +151,9 @@ async def set_limits(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except ValueError:
-        raise web.HTTPBadRequest(text="the body must be JSON: {\"idle_timeout\": seconds or null}") from None
+        raise web.HTTPBadRequest(text='the body must be JSON: {"idle_timeout": seconds or null}') from None
     if not isinstance(body, dict) or set(body) != {"idle_timeout"}:
-        raise web.HTTPBadRequest(text="the body must be exactly {\"idle_timeout\": seconds or null}")
+        raise web.HTTPBadRequest(text='the body must be exactly {"idle_timeout": seconds or null}')
     value = body["idle_timeout"]
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
         raise web.HTTPBadRequest(text=f"idle_timeout must be a positive number of seconds or null, got {value!r}")
