@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import io
 import ipaddress
 import logging
@@ -12,7 +13,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -706,19 +707,22 @@ class ExecutionContainer:
         image_labels = (image.get("Config") or {}).get("Labels") or {}
         sandbox_ids = (int(image_labels.get(UID_LABEL, "0")), int(image_labels.get(GID_LABEL, "0")))
 
-        if self.workspace is not None:
-            await self._prepare_workspace(self.workspace)
         token = _tokens.new_token()
         config = self._container_config(sandbox_ids, _image_home(image))
-        with docker_errors("creating the container"):
-            creating = asyncio.ensure_future(self._docker.containers.create(config))
-            # The engine creates the container even if we stop listening: a cancellation waits for its
-            # id, so that kill() (run()'s clean-up) can remove it, and then goes on.
-            if await _settle(creating):
-                with contextlib.suppress(Exception):
-                    self._container = creating.result()
-                raise asyncio.CancelledError
-            self._container = creating.result()
+        async with contextlib.AsyncExitStack() as held:
+            if self.workspace is not None:
+                # Check and create under one lock: racing starts would all see the volume unused.
+                await held.enter_async_context(_workspace_lock(self.workspace))
+                await self._prepare_workspace(self.workspace)
+            with docker_errors("creating the container"):
+                creating = asyncio.ensure_future(self._docker.containers.create(config))
+                # The engine creates the container even if we stop listening: a cancellation waits for its
+                # id, so that kill() (run()'s clean-up) can remove it, and then goes on.
+                if await _settle(creating):
+                    with contextlib.suppress(Exception):
+                        self._container = creating.result()
+                    raise asyncio.CancelledError
+                self._container = creating.result()
         container_id = self._container.id
         with docker_errors("placing the secret", container_id):
             await self._container.put_archive(str(PurePosixPath(TOKEN_PATH).parent), _token_tar(token, sandbox_ids))
@@ -1098,6 +1102,22 @@ async def _remove(container: Any, docker: aiodocker.Docker | None) -> None:
     finally:
         if docker is not None:
             await docker.close()
+
+
+@contextlib.asynccontextmanager
+async def _workspace_lock(name: str) -> AsyncIterator[None]:
+    """Held from a workspace's in-use check to its container's creation, by every process of this user on
+    this machine (an flock on a file in the token directory). Starts from other users or machines
+    sharing an engine are not covered: the engine offers no lock."""
+    directory = _tokens.token_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(directory / f"workspace-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # flock locks belong to the open file description: two starts in one process exclude each other too.
+        await asyncio.to_thread(fcntl.flock, descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _removal_in_progress(exc: aiodocker.DockerError) -> bool:

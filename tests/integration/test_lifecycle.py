@@ -299,3 +299,22 @@ async def test_cleanup_stale_removes_a_paused_expired_sandbox(image: str, make_c
     assert keep.container_id not in removed
     assert keep.container_id is not None and await exists(keep.container_id)
     assert not await exists(expired.container_id)
+
+
+async def test_racing_starts_on_one_workspace_let_exactly_one_through(image: str) -> None:
+    # Each run() checks "no sandbox uses this volume" before it creates its container: without a lock
+    # around check and create, three concurrent starts could all pass the check.
+    name = f"ipybox-test-ws-{uuid.uuid4().hex[:12]}"
+    containers = [ExecutionContainer(tag=image, labels=session_labels(), workspace=name) for _ in range(3)]
+    docker = aiodocker.Docker()
+    try:
+        results = await asyncio.gather(*(container.run() for container in containers), return_exceptions=True)
+        started = [result for result in results if result is None]
+        refused = [result for result in results if isinstance(result, ContainerError)]
+        assert len(started) == 1, results
+        assert len(refused) == 2 and all("in use by sandbox" in str(error) for error in refused)
+    finally:
+        await asyncio.gather(*(container.kill() for container in containers), return_exceptions=True)
+        with contextlib.suppress(aiodocker.DockerError):
+            await (await docker.volumes.get(name)).delete()
+        await docker.close()
