@@ -1,4 +1,4 @@
-"""The `ipybox` command line: build, run, cleanup, ps, pause, resume."""
+"""The `ipybox` command line: build, run, cleanup, ps, pause, resume, snapshot, mcp."""
 
 from __future__ import annotations
 
@@ -185,6 +185,97 @@ def _set_paused(sandbox: str, paused: bool) -> None:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     err.print(f"{'paused' if paused else 'resumed'} {container_id[:12]}", highlight=False)
+
+
+snapshot_app = typer.Typer(help="Snapshots on this host: take one of a running sandbox, list them, delete them.")
+app.add_typer(snapshot_app, name="snapshot")
+DirectoryOption = Annotated[
+    Path | None,
+    typer.Option("--dir", help="The snapshots' directory [default: ~/.local/share/ipybox/snapshots]."),
+]
+
+
+@snapshot_app.command("take")
+def snapshot_take(
+    sandbox: SandboxArgument,
+    path: Annotated[Path | None, typer.Option("--path", help="The new snapshot's directory (must not exist).")] = None,
+) -> None:
+    """Snapshot a running sandbox this user started: its /app and every kernel's namespace. The sandbox
+    keeps running; the snapshot's path goes to stdout, what could not be captured to stderr."""
+    from ipybox.container import ExecutionContainer
+
+    async def take() -> Path:
+        container = await ExecutionContainer.attach(sandbox)
+        try:
+            made = await container.snapshot(path)
+        finally:
+            await container.detach()
+        for name, why in made.skipped.items():
+            err.print(f"not captured: {name}: {why}", highlight=False)
+        return made.path
+
+    try:
+        sys.stdout.write(f"{asyncio.run(take())}\n")
+    except IpyboxError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@snapshot_app.command("ls")
+def snapshot_ls(
+    directory: DirectoryOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array on stdout, for scripts.")] = False,
+) -> None:
+    """List the snapshots that verify (seal and sizes), oldest first: id, created, image, kernels, size."""
+    import json
+
+    from ipybox.snapshot import list_snapshots
+
+    found = list_snapshots(directory)
+    if as_json:
+        rows = [
+            {
+                "id": snap.id,
+                "path": str(snap.path),
+                "created": snap.created,
+                "image": snap.image,
+                "kernels": len(snap.kernels),
+                "size": snap.size,
+                "skipped": snap.skipped,
+            }
+            for snap in found
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    lines = [f"{'ID':<40} {'CREATED':<26} {'IMAGE':<28} {'KERNELS':>7} {'SIZE':>10}"]
+    for snap in found:
+        size = f"{snap.size / 1e6:.1f} MB"
+        lines.append(
+            f"{snap.id:<40} {snap.created:<26} {snap.image.get('tag', ''):<28} {len(snap.kernels):>7} {size:>10}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@snapshot_app.command("rm")
+def snapshot_rm(
+    snapshots: Annotated[list[str], typer.Argument(help="Snapshot ids (from `ipybox snapshot ls`) or paths.")],
+    directory: DirectoryOption = None,
+) -> None:
+    """Delete snapshots. An id or path that is not a snapshot is an error (nothing else is deleted)."""
+    from ipybox import _snapshot_format
+    from ipybox.snapshot import Snapshot
+
+    root = directory if directory is not None else _snapshot_format.default_directory()
+    targets = []
+    for name in snapshots:
+        path = Path(name) if Path(name).is_dir() else root / name
+        if not (path / _snapshot_format.MANIFEST).is_file():
+            err.print(f"[red]error:[/] {name}: no snapshot there (see `ipybox snapshot ls`); nothing deleted")
+            raise typer.Exit(1)
+        targets.append(path)
+    for path in targets:
+        Snapshot(path, {}).delete()
+        err.print(f"deleted {path}", highlight=False)
 
 
 @app.command()

@@ -11,7 +11,7 @@ import aiodocker
 import pytest
 
 from ipybox import ExecutionContainer
-from tests.integration.conftest import session_labels
+from tests.integration.conftest import ContainerFactory, session_labels
 
 IPYBOX = [sys.executable, "-m", "ipybox"]
 
@@ -93,3 +93,37 @@ async def test_cleanup_by_ancestor_removes_unlabelled_containers(image: str) -> 
             await docker.containers.get(foreign.id)
     finally:
         await docker.close()
+
+
+async def test_snapshot_take_ls_rm(
+    make_container: ContainerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import json
+
+    from ipybox import ExecutionClient
+
+    monkeypatch.setenv("IPYBOX_SNAPSHOT_KEY_FILE", str(tmp_path / "snapshot.key"))
+    directory = tmp_path / "snapshots"
+    container = await make_container()
+    async with ExecutionClient(port=container.executor_port) as client:
+        await client.execute("import socket\nanswer = 42\nopen_socket = socket.socket()")
+        assert container.container_id is not None
+        took = await asyncio.to_thread(
+            _run, "snapshot", "take", container.container_id[:12], "--path", str(directory / "first")
+        )
+        assert took.returncode == 0, took.stderr
+        assert took.stdout.strip() == str(directory / "first")
+        assert "not captured: open_socket" in took.stderr
+        assert (await client.execute("print(answer)")).text == "42"  # the sandbox and its kernel carry on
+    listed = await asyncio.to_thread(_run, "snapshot", "ls", "--dir", str(directory), "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["id"] == "first" and row["kernels"] == 1 and "open_socket" in row["skipped"]
+    missing = await asyncio.to_thread(_run, "snapshot", "rm", "first", "nothing-here", "--dir", str(directory))
+    assert missing.returncode == 1 and "nothing-here: no snapshot there" in missing.stderr
+    assert (directory / "first").is_dir()  # one bad name: nothing deleted
+    removed = await asyncio.to_thread(_run, "snapshot", "rm", "first", "--dir", str(directory))
+    assert removed.returncode == 0, removed.stderr
+    assert not (directory / "first").exists()
+    assert "first" not in (await asyncio.to_thread(_run, "snapshot", "ls", "--dir", str(directory))).stdout
