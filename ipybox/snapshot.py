@@ -73,11 +73,14 @@ class KernelReport:
         captured: Names of the values in the pickle.
         modules: Modules by the name they had (`{"pd": "pandas"}`), imported again on restore.
         skipped: Names left out, each with the reason (e.g. `"socket: an open connection cannot be captured"`).
+        distributions: `{name: version}` of the installed distributions whose modules the kernel had
+            imported; a restore that misses one names it (`pip install name==version`).
     """
 
     captured: list[str]
     modules: dict[str, str]
     skipped: dict[str, str]
+    distributions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Snapshot:
@@ -99,7 +102,12 @@ class Snapshot:
         self.created = str(manifest.get("created", ""))
         self.image: dict[str, str] = dict(manifest.get("image", {}))
         self.kernels = [
-            KernelReport(list(k.get("captured", [])), dict(k.get("modules", {})), dict(k.get("skipped", {})))
+            KernelReport(
+                list(k.get("captured", [])),
+                dict(k.get("modules", {})),
+                dict(k.get("skipped", {})),
+                dict(k.get("distributions", {})),
+            )
             for k in manifest.get("kernels", [])
         ]
         self.size = sum(int(meta["size"]) for meta in manifest.get("files", {}).values())
@@ -395,6 +403,7 @@ async def _capture(
             "file": f"kernels/{index}.pkl",
             "captured": report.get("captured", []),
             "modules": report.get("modules", {}),
+            "distributions": report.get("distributions", {}),
             "skipped": report.get("skipped", {}),
             "python": report.get("python", ""),
             "cloudpickle": report.get("cloudpickle", ""),
@@ -528,7 +537,13 @@ async def _load_into(sandbox: Sandbox, snap: Snapshot, timeout: float, any_image
                     client,
                     # A directory per kernel: each load removes its own when done.
                     f"{_NAMESPACE}.restore({str(APP_DIR / f'{temp}-{index}' / 'namespace.pkl')!r}, "
-                    f"{json.dumps(kernel.get('modules', {})).encode().hex()!r})",
+                    f"{json.dumps(kernel.get('modules', {})).encode().hex()!r}"
+                    # Only when recorded: a snapshot of an older image restores with that image's two-argument form.
+                    + (
+                        f", {json.dumps(kernel['distributions']).encode().hex()!r})"
+                        if kernel.get("distributions")
+                        else ")"
+                    ),
                 )
                 for index, (client, kernel) in enumerate(
                     zip(sandbox.clients, manifest.get("kernels", []), strict=False)

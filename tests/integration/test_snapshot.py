@@ -271,6 +271,21 @@ async def test_load_failure_names_the_module(make_container: ContainerFactory, w
     assert await _containers() == before
 
 
+async def test_a_missing_distribution_is_named_with_its_version(make_container: ContainerFactory, work: Path) -> None:
+    # A package installed with pip in a cell is not part of the snapshot: the restore into a fresh
+    # sandbox must say which distribution (and version) to install. Before: only the module's name.
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'einops==0.8.1'], check=True)\n"
+        "from einops import EinopsError\n"
+        "err = EinopsError('kept')"
+    )
+    snap = await _snapshot_of(make_container, work / "s", code)
+    assert snap.kernels[0].distributions.get("einops") == "0.8.1"
+    with pytest.raises(SnapshotError, match=r"needs module 'einops'.*`pip install einops==0\.8\.1`"):
+        await restore(snap, labels=session_labels())
+
+
 async def test_full_app_is_a_clear_error_and_leaves_nothing(make_container: ContainerFactory, work: Path) -> None:
     container = await make_container(app_size="16m")
     async with ExecutionClient(port=container.executor_port) as client:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import importlib.metadata
 import io
 import json
 import os
@@ -146,6 +147,7 @@ def capture(path: str, not_after: float) -> None:
     _report = {
         "captured": sorted(values)[:_MAX_NAMES],
         "modules": dict(list(modules.items())[:_MAX_NAMES]),
+        "distributions": _distributions(),
         "skipped": dict(list(skipped.items())[:_MAX_NAMES]),
         "mode": mode,
         "python": sys.version.split()[0],
@@ -155,15 +157,51 @@ def capture(path: str, not_after: float) -> None:
     }
 
 
-def restore(path: str, modules_hex: str) -> None:
+def _distributions() -> dict[str, str]:
+    """`{distribution: version}` of the installed distributions whose top-level modules this kernel has
+    imported: what a restore needs installed (named in its error when a module is missing)."""
+    try:
+        providers = importlib.metadata.packages_distributions()
+    except Exception:  # a broken distribution's metadata must not cost the snapshot
+        return {}
+    found: dict[str, str] = {}
+    for top in sorted({name.partition(".")[0] for name in list(sys.modules)}):
+        for dist in providers.get(top, []):
+            if dist not in found:
+                try:
+                    found[dist] = importlib.metadata.version(dist)
+                except Exception:
+                    continue
+    return dict(list(found.items())[:_MAX_NAMES])
+
+
+def _install_hint(module: str, distributions: dict[str, str]) -> str:
+    """What to install for a missing `module`, from the snapshot's record of its kernel's distributions."""
+    top = module.partition(".")[0]
+    named = [f"{d}=={v}" for d, v in distributions.items() if d.lower().replace("-", "_") == top.lower()]
+    if named:
+        return f"the snapshot's kernel had it from {named[0]}: `pip install {named[0]}` here"
+    if distributions:
+        listed = " ".join(f"{d}=={v}" for d, v in distributions.items())
+        return f"the snapshot's kernel had these distributions imported: {listed}"
+    return "install it here"
+
+
+def restore(path: str, modules_hex: str, distributions_hex: str = "") -> None:
     """Import the modules, load the pickle at `path`, then put everything into the user namespace.
 
     All or nothing: nothing is added to the namespace unless every module imports and the pickle loads.
-    The pickle's directory is removed in either case.
+    The pickle's directory is removed in either case. `distributions_hex`: the snapshot's record of the
+    kernel's distributions (`{name: version}`, JSON, hex), named in the error when a module is missing.
     """
     global _report
     _report = {}
     started = time.perf_counter()
+    distributions: dict[str, str] = json.loads(bytes.fromhex(distributions_hex)) if distributions_hex else {}
+    missing_hint = (
+        "Packages installed with pip in the old sandbox are not part of a snapshot: install them in this one "
+        "(or build them into the image) and restore again"
+    )
     try:
         shell = _shell()
         wanted: dict[str, str] = json.loads(bytes.fromhex(modules_hex))
@@ -173,12 +211,17 @@ def restore(path: str, modules_hex: str) -> None:
                 imported[alias] = importlib.import_module(name)
             except Exception as exc:
                 raise ImportError(
-                    f"module {name!r} (as {alias!r}) of the snapshot cannot be imported here: {_why(exc)}. "
-                    "Packages installed with pip in the old sandbox are not part of a snapshot: install them "
-                    "in this one (or build them into the image) and restore again"
+                    f"module {name!r} (as {alias!r}) of the snapshot cannot be imported here: {_why(exc)}; "
+                    f"{_install_hint(name, distributions)}. {missing_hint}"
                 ) from exc
-        with open(path, "rb") as source:
-            values = pickle.load(source)
+        try:
+            with open(path, "rb") as source:
+                values = pickle.load(source)
+        except ModuleNotFoundError as exc:  # a value's class lives in a module this sandbox lacks
+            raise ImportError(
+                f"a value of the snapshot needs module {exc.name!r}, which is not installed here; "
+                f"{_install_hint(exc.name or '', distributions)}. {missing_hint}"
+            ) from exc
         if not isinstance(values, dict):
             raise TypeError(f"the snapshot's pickle holds a {type(values).__name__}, not a namespace")
     finally:
