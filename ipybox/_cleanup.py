@@ -31,10 +31,27 @@ def _pid_runs(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22), or "" when unknown:
+    with the boot id and pid it names one process, so a pid reused later is not taken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else ""
+
+
+def owner_label(pid: int) -> str:
+    """`boot id:pid:start time` of the owning process, for the owner label."""
+    return f"{boot_id()}:{pid}:{process_start(pid)}"
+
+
 def stale_reason(labels: dict[str, str], now: float, this_boot: str) -> str | None:
     """Why a sandbox is stale by its labels, or None: past its max lifetime (`expires`), or owner-bound and
     its owner gone. An owner is judged only when it ran on this machine since this boot (the label's boot
-    id is this one); a pid reused since is taken for the owner, so such a sandbox stays (on the safe side)."""
+    id is this one); a live process with the owner's pid is the owner unless the label's start time
+    (absent in labels of older versions) says it is another process that reused the pid."""
     expires = labels.get(EXPIRES_LABEL)
     if expires is not None:
         try:
@@ -44,9 +61,12 @@ def stale_reason(labels: dict[str, str], now: float, this_boot: str) -> str | No
             pass
     owner = labels.get(OWNER_LABEL)
     if owner:
-        boot, _, pid = owner.rpartition(":")
-        if boot and boot == this_boot and pid.isdigit() and not _pid_runs(int(pid)):
-            return "owner gone"
+        boot, pid, start = (owner.split(":") + [""])[:3]
+        if boot and boot == this_boot and pid.isdigit():
+            if not _pid_runs(int(pid)):
+                return "owner gone"
+            if start and process_start(int(pid)) not in ("", start):
+                return "owner gone (its pid now belongs to another process)"
     return None
 
 

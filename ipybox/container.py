@@ -22,7 +22,7 @@ import aiodocker
 import aiohttp
 
 from ipybox import _firewall, _freezer, _routes, _tokens
-from ipybox._cleanup import boot_id
+from ipybox._cleanup import owner_label
 from ipybox._docker import connect, docker_errors
 from ipybox._errors import (
     ContainerError,
@@ -818,7 +818,7 @@ class ExecutionContainer:
             labels[EXPIRES_LABEL] = f"{time.time() + self.max_lifetime:.0f}"
         if self.owner_bound:
             # With the pid, names the owner across reboots (a pid reused after one is another process).
-            labels[OWNER_LABEL] = f"{boot_id()}:{os.getpid()}"
+            labels[OWNER_LABEL] = owner_label(os.getpid())
         return labels
 
     def _running_container(self) -> Any:

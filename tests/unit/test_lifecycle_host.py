@@ -10,7 +10,7 @@ import aiodocker
 import pytest
 
 from ipybox import ContainerError, ExecutionContainer
-from ipybox._cleanup import stale_reason
+from ipybox._cleanup import process_start, stale_reason
 from ipybox._labels import EXPIRES_LABEL, IDLE_TIMEOUT_LABEL, MAX_LIFETIME_LABEL, OWNER_LABEL, WORKSPACE_LABEL
 from ipybox.container import _remove
 
@@ -41,7 +41,8 @@ def test_options_reach_the_server_and_the_labels() -> None:
     assert labels[IDLE_TIMEOUT_LABEL] == "30"
     assert labels[MAX_LIFETIME_LABEL] == "3600.5"
     assert float(labels[EXPIRES_LABEL]) > 0
-    assert labels[OWNER_LABEL].endswith(f":{os.getpid()}")
+    assert labels[OWNER_LABEL].split(":")[1] == str(os.getpid())
+    assert labels[OWNER_LABEL].split(":")[2] == process_start(os.getpid()) != ""
 
 
 @pytest.mark.parametrize("option", ["idle_timeout", "max_lifetime"])
@@ -110,6 +111,12 @@ def test_stale_reasons() -> None:
     assert stale_reason({EXPIRES_LABEL: "soon"}, 100.0, boot) is None
     assert stale_reason({OWNER_LABEL: f"{boot}:{dead}"}, 100.0, boot) == "owner gone"
     assert stale_reason({OWNER_LABEL: f"{boot}:{os.getpid()}"}, 100.0, boot) is None
+    me = f"{boot}:{os.getpid()}:{process_start(os.getpid())}"
+    assert stale_reason({OWNER_LABEL: me}, 100.0, boot) is None
+    # The pid is alive but started at another time: a reused pid, not the owner (before: kept for ever).
+    assert stale_reason({OWNER_LABEL: f"{boot}:{os.getpid()}:1"}, 100.0, boot) == (
+        "owner gone (its pid now belongs to another process)"
+    )
     # An owner from another boot, or another machine, is not judged.
     assert stale_reason({OWNER_LABEL: f"other:{dead}"}, 100.0, boot) is None
     assert stale_reason({OWNER_LABEL: f"{boot}:x"}, 100.0, boot) is None
