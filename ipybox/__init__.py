@@ -32,6 +32,7 @@ from ipybox._errors import (
 )
 from ipybox._version import __version__
 from ipybox.approvals import AllowList, ApprovalPolicy
+from ipybox.backends import Backend, LocalEngine
 from ipybox.container import DEFAULT_TAG, ExecutionContainer
 from ipybox.executor import ClientState, Execution, ExecutionClient, ExecutionResult
 from ipybox.outputs import (
@@ -59,6 +60,7 @@ __all__ = [
     "ApprovalState",
     "ArchiveError",
     "AuthenticationError",
+    "Backend",
     "BuildError",
     "Clear",
     "ClientState",
@@ -88,6 +90,7 @@ __all__ = [
     "KernelError",
     "KernelLimitError",
     "KernelReport",
+    "LocalEngine",
     "Output",
     "RemoteFileNotFoundError",
     "RemotePathError",

@@ -53,6 +53,7 @@ from ipybox._limits import parse_memory
 from ipybox._process import Process
 from ipybox._pull import ensure_image
 from ipybox._version import __version__
+from ipybox.backends import Backend, LocalEngine
 
 if TYPE_CHECKING:  # snapshot.py and pool.py import this module
     from ipybox.executor import ExecutionClient
@@ -224,6 +225,7 @@ class ExecutionContainer:
         owner_bound: bool = False,
         owner_grace: float = 10,
         workspace: str | None = None,
+        backend: Backend | None = None,
     ):
         self.tag = tag
         self.binds = binds or {}
@@ -282,8 +284,11 @@ class ExecutionContainer:
         for container_path in self.binds.values():
             _container_bind_path(container_path)  # fail early; run() checks again
 
+        self.backend = backend if backend is not None else LocalEngine()
+        self.backend.check(self)
         self._docker: aiodocker.Docker | None = None
         self._container: Any = None
+        self._placement: Any = None  # what else the backend made for this sandbox (a swarm service)
         self._executor_port = executor_port
         self._resource_port = resource_port
         self._port_allocation_timeout = port_allocation_timeout
@@ -367,7 +372,6 @@ class ExecutionContainer:
             )
         self._state = _State.RUNNING
         try:
-            self._docker = connect()
             await self._run()
         except BaseException as exc:
             try:
@@ -401,8 +405,9 @@ class ExecutionContainer:
             _tokens.unregister(self.host, port, container.id if container is not None else "")
         _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
         self._registered.clear()
-        if container is not None or docker is not None:
-            self._removal = asyncio.ensure_future(_remove(container, docker))
+        placement, self._placement = self._placement, None
+        if container is not None or docker is not None or placement is not None:
+            self._removal = asyncio.ensure_future(self.backend.remove(container, docker, placement))
             self._removal_reported = False
         removal = self._removal
         if removal is None:
@@ -700,34 +705,11 @@ class ExecutionContainer:
     # -- internals --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        assert self._docker is not None
-        with docker_errors("looking up the image"):
-            image = await ensure_image(self._docker, self.tag, show_progress=self.show_pull_progress)
-        self._image_id = str(image["Id"])
-        image_labels = (image.get("Config") or {}).get("Labels") or {}
-        sandbox_ids = (int(image_labels.get(UID_LABEL, "0")), int(image_labels.get(GID_LABEL, "0")))
-
         token = _tokens.new_token()
-        config = self._container_config(sandbox_ids, _image_home(image))
-        async with contextlib.AsyncExitStack() as held:
-            if self.workspace is not None:
-                # Check and create under one lock: racing starts would all see the volume unused.
-                await held.enter_async_context(_workspace_lock(self.workspace))
-                await self._prepare_workspace(self.workspace)
-            with docker_errors("creating the container"):
-                creating = asyncio.ensure_future(self._docker.containers.create(config))
-                # The engine creates the container even if we stop listening: a cancellation waits for its
-                # id, so that kill() (run()'s clean-up) can remove it, and then goes on.
-                if await _settle(creating):
-                    with contextlib.suppress(Exception):
-                        self._container = creating.result()
-                    raise asyncio.CancelledError
-                self._container = creating.result()
+        await self.backend.start(self, token)
+        assert self._docker is not None and self._container is not None and self._image_id is not None
         container_id = self._container.id
-        with docker_errors("placing the secret", container_id):
-            await self._container.put_archive(str(PurePosixPath(TOKEN_PATH).parent), _token_tar(token, sandbox_ids))
         with docker_errors("starting the container", container_id):
-            await self._container.start()
             # Closed to other containers before any client can reach a kernel; the helper runs while
             # the servers start, so it costs little of the start-up's time.
             isolating = asyncio.ensure_future(_firewall.isolate(self._docker, self._container, self._image_id))
@@ -750,6 +732,34 @@ class ExecutionContainer:
             self._registered.append(port)
         if self.owner_bound:
             self._lease = await _Lease.take(self.host, self.resource_port, token)
+
+    async def _start_on_engine(self, token: str) -> None:
+        """`LocalEngine.start`: create the container on this process's engine, place the secret, start it."""
+        self._docker = connect()
+        with docker_errors("looking up the image"):
+            image = await ensure_image(self._docker, self.tag, show_progress=self.show_pull_progress)
+        self._image_id = str(image["Id"])
+        sandbox_ids = image_ids(image)
+        config = self._container_config(sandbox_ids, _image_home(image))
+        async with contextlib.AsyncExitStack() as held:
+            if self.workspace is not None:
+                # Check and create under one lock: racing starts would all see the volume unused.
+                await held.enter_async_context(_workspace_lock(self.workspace))
+                await self._prepare_workspace(self.workspace)
+            with docker_errors("creating the container"):
+                creating = asyncio.ensure_future(self._docker.containers.create(config))
+                # The engine creates the container even if we stop listening: a cancellation waits for its
+                # id, so that kill() (run()'s clean-up) can remove it, and then goes on.
+                if await _settle(creating):
+                    with contextlib.suppress(Exception):
+                        self._container = creating.result()
+                    raise asyncio.CancelledError
+                self._container = creating.result()
+        container_id = self._container.id
+        with docker_errors("placing the secret", container_id):
+            await self._container.put_archive(str(PurePosixPath(TOKEN_PATH).parent), token_tar(token, sandbox_ids))
+        with docker_errors("starting the container", container_id):
+            await self._container.start()
 
     async def _prepare_workspace(self, name: str) -> None:
         assert self._docker is not None
@@ -1233,7 +1243,14 @@ def _unwritable_bind(host_path: str, sandbox_ids: tuple[int, int]) -> str | None
     )
 
 
-def _token_tar(token: str, sandbox_ids: tuple[int, int]) -> bytes:
+def image_ids(image: dict[str, Any]) -> tuple[int, int]:
+    """The sandbox user's uid and gid, from the labels `ipybox build` puts on the image (0, 0 without)."""
+    labels = (image.get("Config") or {}).get("Labels") or {}
+    return int(labels.get(UID_LABEL, "0")), int(labels.get(GID_LABEL, "0"))
+
+
+def token_tar(token: str, sandbox_ids: tuple[int, int]) -> bytes:
+    """A tar of the secret file (0400, the sandbox user's) for `put_archive` into `/run/ipybox`."""
     buffer = io.BytesIO()
     data = token.encode()
     with tarfile.open(fileobj=buffer, mode="w") as archive:

@@ -14,6 +14,7 @@ def test_all_is_sorted_and_matches_public_namespace() -> None:
         "approvals",
         "tool_host",
         "snapshot",
+        "backends",
     }
     exported = set(ipybox.__all__) - {"__version__"}
     assert public == exported

@@ -1,0 +1,74 @@
+"""Where a sandbox runs: the `backend=` option of `ExecutionContainer` and `SandboxPool`.
+
+A backend does the two things that differ between places: it creates and starts the sandbox's
+container with the secret handed over (`start`), and it removes everything it made (`remove`). Every
+thing after the start is the same wherever the container runs, because a backend hands back an engine
+client for the engine that runs it (`sandbox._docker`) and that engine's container object
+(`sandbox._container`): isolation and firewall helpers, pause, logs, ports and inspection go through
+them; clients reach the published ports at `sandbox.host`.
+
+- `LocalEngine()` (the default): the engine of `DOCKER_HOST` or the local socket. Unchanged seed behaviour.
+- `Swarm(manager, node_engines)` (`ipybox._swarm`): a service per sandbox, placed by the swarm; the
+  per-container work goes to the engine of the node its task landed on.
+
+docs/architecture.md ("Backends") says how a Kubernetes backend maps onto the same two methods.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiodocker
+
+    from ipybox.container import ExecutionContainer
+
+
+class Backend:
+    """Where sandboxes run. Subclasses implement `start` and `remove`; instances are shared by every
+    sandbox of a pool, so they hold configuration and connections, never one sandbox's state."""
+
+    def check(self, sandbox: ExecutionContainer) -> None:
+        """Refuse, at construction, options this backend cannot honour (`ValueError` naming the fix)."""
+
+    async def start(self, sandbox: ExecutionContainer, token: str) -> None:
+        """Create and start `sandbox`'s container with `token` handed over to its server only.
+
+        On return: `sandbox._docker` is a client of the engine that runs the container, `sandbox._container`
+        its (running) container object, `sandbox._image_id` the image id on that engine and, when clients
+        reach the published ports elsewhere than `sandbox.host`, `sandbox.host` that address. As soon as
+        anything exists that `remove` must remove, it is recorded on the sandbox (`_container`,
+        `_placement`), so that a failed or cancelled start is cleaned up by `kill()`.
+        """
+        raise NotImplementedError
+
+    async def remove(self, container: Any, docker: aiodocker.Docker | None, placement: Any) -> None:
+        """Remove what `start` made (the container, and `placement`: what else the backend recorded) and
+        close `docker`. Called once per sandbox by `kill()`; must succeed when parts are already gone."""
+        raise NotImplementedError
+
+    def describe(self, sandbox: ExecutionContainer) -> str:
+        """Where the sandbox runs, for error messages ("" for the local engine)."""
+        return ""
+
+
+class LocalEngine(Backend):
+    """The engine of `DOCKER_HOST`, else the local socket: containers created directly (the default)."""
+
+    async def start(self, sandbox: ExecutionContainer, token: str) -> None:
+        await sandbox._start_on_engine(token)
+
+    async def remove(self, container: Any, docker: aiodocker.Docker | None, placement: Any) -> None:
+        from ipybox.container import _remove
+
+        await _remove(container, docker)
+
+    def __repr__(self) -> str:
+        return "LocalEngine()"
+
+
+def default_backend() -> Backend:
+    return LocalEngine()
+
+
+__all__ = ["Backend", "LocalEngine"]
