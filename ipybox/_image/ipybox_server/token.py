@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import time
 from pathlib import Path
 
 TOKEN_PATH = Path("/run/ipybox/token")
@@ -21,14 +22,34 @@ def protect_process() -> None:
         raise SystemExit(f"ipybox_server: prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
 
 
+TOKEN_WAIT_ENV = "IPYBOX_TOKEN_WAIT"
+
+
+def _wait_for_file(seconds: float) -> None:
+    """Wait up to `seconds` for the secret file: on a swarm the task's container is started by the node's
+    engine, so the host can only place the secret after the start (through that engine's
+    `put_archive`). Nothing else runs in the container meanwhile: no kernel starts before the servers,
+    and the servers start after this."""
+    deadline = time.monotonic() + seconds
+    while not TOKEN_PATH.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def take_token() -> str:
     """Return the secret and remove every trace of it that kernels could read.
 
-    The host writes the file before the container starts; deleting it here means a kernel, which
-    starts later and runs as the same user, finds no file. The environment variable is a fallback for
-    running the servers by hand; it is removed so that kernels do not inherit it.
+    The host writes the file before the container starts (or, with `IPYBOX_TOKEN_WAIT=<seconds>`, just
+    after: see `_wait_for_file`); deleting it here means a kernel, which starts later and runs as the
+    same user, finds no file. The environment variable is a fallback for running the servers by hand;
+    it is removed so that kernels do not inherit it.
     """
     token = os.environ.pop(TOKEN_ENV, "")
+    wait = os.environ.pop(TOKEN_WAIT_ENV, "")
+    if wait and not token:
+        try:
+            _wait_for_file(float(wait))
+        except ValueError:
+            raise SystemExit(f"ipybox_server: {TOKEN_WAIT_ENV}={wait!r} is not a number of seconds") from None
     try:
         token = TOKEN_PATH.read_text().strip() or token
         TOKEN_PATH.unlink()
