@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from ipybox import _where
 from ipybox._errors import KernelDiedError, ServerConnectionError
 from ipybox._router import KernelState, Route, Router, Terminal, message_number, outcome_unknown
 from ipybox._transport import Closed, KernelTransport
@@ -299,7 +300,8 @@ class KernelChannel:
                 self._start_recovery(suspects)
             return reopened
         self.router.window = None
-        what = f"the connection to kernel {kernel_id} broke and could not be re-opened ({reopened})"
+        place = _where.suffix(self.transport.host, self.transport.port)
+        what = f"the connection to kernel {kernel_id}{place} broke and could not be re-opened ({reopened})"
         if suspects:
             return outcome_unknown(what, kernel_id)
         return ServerConnectionError(what, kernel_id=kernel_id)

@@ -103,14 +103,20 @@ class _HelperRun:
         return how + (f"; its output:\n{output}" if output else "")
 
 
-async def isolate(docker: aiodocker.Docker, container: Any, image_id: str) -> None:
-    """Close the sandbox to inbound connections from other containers (run at every start).
+async def isolate(docker: aiodocker.Docker, container: Any, image_id: str, protected: list[int] | None = None) -> None:
+    """Close the sandbox to inbound connections from other containers (run at every start), and to the
+    control plane's `protected` ports (a swarm's engine and cluster ports) on every address.
 
     Raises:
         FirewallError: the rules could not be applied (the caller removes the sandbox).
     """
     info = await container.show()
-    spec = {"mode": "isolate", "gateways": gateways(info), "ports": [EXECUTOR_PORT, RESOURCE_PORT]}
+    spec = {
+        "mode": "isolate",
+        "gateways": gateways(info),
+        "ports": [EXECUTOR_PORT, RESOURCE_PORT],
+        "protected": list(protected or []),
+    }
     run = await _run_helper(docker, info, image_id, spec)
     if run.exit_code != 0 or run.summary is None:
         raise FirewallError(
@@ -126,6 +132,7 @@ async def apply(
     image_id: str,
     entries: list[str] | None,
     remove: Callable[[], Awaitable[None]],
+    protected: list[int] | None = None,
 ) -> dict[str, Any]:
     """Replace the sandbox's firewall rules with the policy for `entries`; return the helper's summary.
 
@@ -149,6 +156,7 @@ async def apply(
             "resolvers": await resolvers(info, container),
             "gateways": gateways(info),
             "ports": [EXECUTOR_PORT, RESOURCE_PORT],
+            "protected": list(protected or []),
         }
         run = await _run_helper(docker, info, image_id, spec)
         failure = f"the firewall helper failed ({run.describe()})"

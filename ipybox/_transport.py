@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from ipybox import _freezer, _routes, _tokens, _wire
+from ipybox import _freezer, _routes, _tokens, _where, _wire
 from ipybox._errors import AuthenticationError, KernelLimitError, RequestRefusedError, ServerConnectionError
 from ipybox._labels import EXECUTOR_PORT
 
@@ -123,7 +123,9 @@ class KernelTransport:
         except aiohttp.WSServerHandshakeError as exc:
             raise status_error(exc.status, "opening the kernel websocket", self.base_url) from exc
         except aiohttp.ClientError as exc:
-            raise ServerConnectionError(f"opening the kernel websocket at {self.base_url} failed: {exc}") from exc
+            raise ServerConnectionError(
+                f"opening the kernel websocket at {self.base_url}{_where.suffix(self.host, self.port)} failed: {exc}"
+            ) from exc
         # The gateway picks v1 when it supports it; older servers answer in legacy JSON.
         self.v1 = self.ws.protocol == _wire.V1_PROTOCOL
 
@@ -327,7 +329,8 @@ class KernelTransport:
             except aiohttp.ClientError as exc:
                 last_error = exc
         raise ServerConnectionError(
-            f"could not reach the kernel gateway at {self.base_url} after {max(retries, 1)} tries: {last_error}",
+            f"could not reach the kernel gateway at {self.base_url}{_where.suffix(self.host, self.port)} after "
+            f"{max(retries, 1)} tries: {last_error}",
             option="ExecutionClient.connect(retries=..., retry_interval=...)",
         ) from last_error
 
@@ -360,7 +363,8 @@ class KernelTransport:
             except aiohttp.ClientError as exc:
                 last_error = exc
         raise ServerConnectionError(
-            f"could not reach the kernel gateway at {self.base_url} after {max(retries, 1)} tries: {last_error}",
+            f"could not reach the kernel gateway at {self.base_url}{_where.suffix(self.host, self.port)} after "
+            f"{max(retries, 1)} tries: {last_error}",
             option="ExecutionClient.connect(retries=..., retry_interval=...)",
         ) from last_error
 

@@ -51,6 +51,12 @@ class Backend:
         """Where the sandbox runs, for error messages ("" for the local engine)."""
         return ""
 
+    def protected_ports(self) -> list[int]:
+        """Ports of the control plane that no sandbox may reach on any address (its isolation and
+        firewall rules refuse them first): a swarm's engine and cluster ports. None locally, where the
+        engine listens on a unix socket."""
+        return []
+
 
 class LocalEngine(Backend):
     """The engine of `DOCKER_HOST`, else the local socket: containers created directly (the default)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import aiodocker
 import aiohttp
 
-from ipybox import _firewall, _freezer, _routes, _tokens
+from ipybox import _firewall, _freezer, _routes, _tokens, _where
 from ipybox._cleanup import owner_label
 from ipybox._docker import connect, docker_errors
 from ipybox._errors import (
@@ -285,7 +285,6 @@ class ExecutionContainer:
             _container_bind_path(container_path)  # fail early; run() checks again
 
         self.backend = backend if backend is not None else LocalEngine()
-        self.backend.check(self)
         self._docker: aiodocker.Docker | None = None
         self._container: Any = None
         self._placement: Any = None  # what else the backend made for this sandbox (a swarm service)
@@ -303,6 +302,7 @@ class ExecutionContainer:
         self._token: str | None = None
         self._attached = False  # made by attach(), not run()
         self._lease: _Lease | None = None
+        self.backend.check(self)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -403,6 +403,7 @@ class ExecutionContainer:
             self._registered = [p for p in (self._executor_port, self._resource_port) if p is not None]
         for port in self._registered:
             _tokens.unregister(self.host, port, container.id if container is not None else "")
+            _where.forget(self.host, port)
         _routes.forget(self.host, [p for p in (self._executor_port, self._resource_port) if p is not None])
         self._registered.clear()
         placement, self._placement = self._placement, None
@@ -599,6 +600,7 @@ class ExecutionContainer:
             await lease.release()
         for port in self._registered:
             _tokens.forget(self.host, port)
+            _where.forget(self.host, port)
         if self._registered:  # else the records are those of the object that started it, in this process
             _routes.forget(self.host, self._registered)
         self._registered.clear()
@@ -687,7 +689,12 @@ class ExecutionContainer:
         try:
             with docker_errors("initializing the firewall", self._container.id, FirewallError):
                 summary = await _firewall.apply(
-                    self._docker, self._container, self._image_id, allowed_domains, remove=self.kill
+                    self._docker,
+                    self._container,
+                    self._image_id,
+                    allowed_domains,
+                    remove=self.kill,
+                    protected=self.backend.protected_ports(),
                 )
         except FirewallError:
             # A sandbox cut off its networks keeps its address in Docker's records no more, and the
@@ -712,7 +719,9 @@ class ExecutionContainer:
         with docker_errors("starting the container", container_id):
             # Closed to other containers before any client can reach a kernel; the helper runs while
             # the servers start, so it costs little of the start-up's time.
-            isolating = asyncio.ensure_future(_firewall.isolate(self._docker, self._container, self._image_id))
+            isolating = asyncio.ensure_future(
+                _firewall.isolate(self._docker, self._container, self._image_id, self.backend.protected_ports())
+            )
             try:
                 await self._wait_until_ready()
             except BaseException:
@@ -727,9 +736,12 @@ class ExecutionContainer:
             await self._read_ports()
 
         self._token = token
+        place = self.backend.describe(self)
         for port in (self.executor_port, self.resource_port):
             _tokens.register(self.host, port, token, container_id, self._pid, self._server)
             self._registered.append(port)
+            if place:
+                _where.note(self.host, port, place)
         if self.owner_bound:
             self._lease = await _Lease.take(self.host, self.resource_port, token)
 

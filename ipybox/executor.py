@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
+from ipybox import _where
 from ipybox._approvals import ApprovalDesk
 from ipybox._channel import KernelChannel
 from ipybox._errors import (
@@ -659,7 +660,8 @@ class ExecutionClient:
         if not channel.alive and self._router.kernel is not KernelState.DEAD:
             # Connected, but the connection was lost (the server went away): an environment failure.
             raise ServerConnectionError(
-                f"the connection to kernel {self.kernel_id} was lost; connect a new client to go on",
+                f"the connection to kernel {self.kernel_id}{_where.suffix(self.host, self.port)} was lost; connect a "
+                "new client to go on",
                 kernel_id=self.kernel_id,
             )
         if self._router.kernel is KernelState.DEAD:

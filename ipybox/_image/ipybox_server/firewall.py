@@ -101,10 +101,24 @@ def inbound_rules(version: int, *, gateways: list[Address], ports: list[int]) ->
     ]
 
 
-def isolation(version: int, *, gateways: list[Address], ports: list[int]) -> str:
+def protected_rules(protected: list[int]) -> list[str]:
+    """OUTPUT: the control plane's ports (a swarm's node engines and cluster ports) refused on every
+    address, before anything is allowed: a cell must not reach an engine API that a misconfigured node
+    exposes without client certificates, whatever the allow-list says."""
+    if not protected:
+        return []
+    ports = ",".join(map(str, protected))
+    return [
+        f"-A OUTPUT -p tcp -m multiport --dports {ports} -j REJECT --reject-with tcp-reset",
+        f"-A OUTPUT -p udp -m multiport --dports {ports} -j DROP",
+    ]
+
+
+def isolation(version: int, *, gateways: list[Address], ports: list[int], protected: list[int] = []) -> str:  # noqa: B006
     """An iptables-restore document for a sandbox without an egress firewall."""
     lines = ["*filter", ":INPUT DROP [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]"]
     lines += inbound_rules(version, gateways=gateways, ports=ports)
+    lines += protected_rules(protected)
     return "\n".join([*lines, "COMMIT", ""])
 
 
@@ -116,6 +130,7 @@ def rules(
     resolvers: list[Address],
     gateways: list[Address],
     ports: list[int],
+    protected: list[int] = [],  # noqa: B006
 ) -> str:
     """An iptables-restore document for one address family, egress firewall on."""
     icmp_reject = "icmp-admin-prohibited" if version == 4 else "icmp6-adm-prohibited"
@@ -128,6 +143,7 @@ def rules(
     lines += [
         "-A OUTPUT -o lo -j ACCEPT",
         "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT",
+        *protected_rules(protected),
     ]
     if version == 6:
         lines += [
@@ -167,17 +183,27 @@ def addresses(entries: Iterable[str], what: str, warnings: list[str]) -> list[Ad
 
 def main(spec: dict[str, list]) -> dict[str, object]:  # type: ignore[type-arg]
     ports = [int(port) for port in spec.get("ports", [])]
+    protected = [int(port) for port in spec.get("protected", [])]
     warnings: list[str] = []
     gateways = addresses(spec.get("gateways", []), "gateway", warnings)
     if spec.get("mode") == "isolate":
         for version in (4, 6):
-            apply(version, isolation(version, gateways=gateways, ports=ports))
+            apply(version, isolation(version, gateways=gateways, ports=ports, protected=protected))
         return {"isolated": True, "gateways": [str(gateway) for gateway in gateways]}
 
     resolvers = addresses(spec.get("resolvers", []), "resolver", warnings)
     for version in (4, 6):  # the lock-down: inbound as always, outbound only DNS
         apply(
-            version, rules(version, allowed=[], host_network=None, resolvers=resolvers, gateways=gateways, ports=ports)
+            version,
+            rules(
+                version,
+                allowed=[],
+                host_network=None,
+                resolvers=resolvers,
+                gateways=gateways,
+                ports=ports,
+                protected=protected,
+            ),
         )
     print(LOCKED_LINE, flush=True)
 
@@ -199,6 +225,7 @@ def main(spec: dict[str, list]) -> dict[str, object]:  # type: ignore[type-arg]
                 resolvers=resolvers,
                 gateways=gateways,
                 ports=ports,
+                protected=protected,
             ),
         )
     return {
