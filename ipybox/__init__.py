@@ -32,7 +32,7 @@ from ipybox._errors import (
 )
 from ipybox._version import __version__
 from ipybox.approvals import AllowList, ApprovalPolicy
-from ipybox.backends import Backend, LocalEngine
+from ipybox.backends import Backend, LocalEngine, Swarm
 from ipybox.container import DEFAULT_TAG, ExecutionContainer
 from ipybox.executor import ClientState, Execution, ExecutionClient, ExecutionResult
 from ipybox.outputs import (
@@ -105,6 +105,7 @@ __all__ = [
     "SnapshotError",
     "Stderr",
     "Stdout",
+    "Swarm",
     "ToolCallRequest",
     "ToolHost",
     "ToolHostError",

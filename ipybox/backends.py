@@ -73,8 +73,7 @@ class LocalEngine(Backend):
         return "LocalEngine()"
 
 
-def default_backend() -> Backend:
-    return LocalEngine()
+# Defined in its own module (it needs Backend, above); offered here, where backends are chosen.
+from ipybox._swarm import Swarm  # noqa: E402
 
-
-__all__ = ["Backend", "LocalEngine"]
+__all__ = ["Backend", "LocalEngine", "Swarm"]
