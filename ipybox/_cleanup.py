@@ -1,4 +1,4 @@
-"""Removes ipybox containers and the secrets recorded for them."""
+"""Removes ipybox containers and the secrets recorded for them; a swarm's sandboxes (`clean_swarm`)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,29 @@ async def remove_containers(ancestor: str | None = None, *, stale: bool = False)
         return removed
     finally:
         await docker.close()
+
+
+async def clean_swarm(
+    manager: str, node_engines: dict[str, str] | None = None, selector: list[str] | None = None, *, timeout: float = 30
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Remove every ipybox sandbox service of the swarm at `manager` (with all `selector` labels), then the
+    leftover task containers on every node that is up; returns the services' names and `(node, container id)`
+    of the containers. An unreachable manager raises `DockerUnavailableError` naming its URL."""
+    import asyncio
+
+    from ipybox._errors import DockerUnavailableError
+    from ipybox._swarm import Swarm
+
+    swarm = Swarm(manager, node_engines)
+    try:
+        async with asyncio.timeout(timeout):
+            services = await swarm.remove_all(selector or ())
+            # The nodes stop the removed services' tasks themselves; containers of those still running go
+            # with them, stopped ones (a node that was down) are swept now.
+            containers = await swarm.sweep(selector or ())
+    except TimeoutError as exc:
+        raise DockerUnavailableError(
+            f"cleaning up the swarm at {manager} did not finish within {timeout} s: check that the manager's "
+            "engine API answers there"
+        ) from exc
+    return services, containers

@@ -55,6 +55,9 @@ _POLL = 0.1
 _FAILED_STATES = {"failed", "rejected", "shutdown", "orphaned", "remove", "complete"}
 _REMOVE_TIMEOUT = 30
 _WRITABLE_DIRS = ("/tmp", "/var/tmp", "/run/lock")  # the tmpfs mounts kept on a swarm
+_SERVICE_ID_LABEL = "com.docker.swarm.service.id"  # on every task's container
+_SWEEP_EVERY = 60.0  # seconds between the sweeps `start` makes
+_NODE_TIMEOUT = 10  # seconds a node's engine (or the manager, asked about a node) may take to answer
 
 
 class SwarmPlacement:
@@ -118,6 +121,8 @@ class Swarm(Backend):
         self.spread = spread
         self.node_addresses = dict(node_addresses or {})
         self.service_labels = dict(service_labels or {})
+        self._swept: float | None = None  # when start() last swept leftover containers (monotonic)
+        self._sweeps: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"Swarm({self.manager!r})"
@@ -149,6 +154,7 @@ class Swarm(Backend):
     async def start(self, sandbox: ExecutionContainer, token: str) -> None:
         from ipybox.container import image_ids, token_tar
 
+        self._sweep_now()
         manager = self._engine(self.manager)
         placement: SwarmPlacement | None = None
         try:
@@ -199,20 +205,50 @@ class Swarm(Backend):
                 await manager.close()
         if container is not None:
             # The service's removal makes the node stop its task within the grace period; removing the
-            # container at once frees its memory and ports now. A node that is down does this itself
-            # when it returns (its agent removes tasks of services that are gone).
-            try:
-                async with asyncio.timeout(_REMOVE_TIMEOUT):
-                    await container.delete(force=True, v=True)
-            except aiodocker.DockerError as exc:
-                if exc.status not in (404, 409) and exc.status != 900:
-                    errors.append(f"removing container {container.id[:12]} failed: {exc.message}")
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                logger.info("removing container %s: its node's engine did not answer (%r)", container.id[:12], exc)
+            # container at once frees its memory and ports now. A node that is down keeps it (stopped)
+            # when it returns: `sweep()` removes it (start() sweeps once a minute, `ipybox cleanup --swarm`).
+            problem = await self._remove_task_container(container, placement)
+            if problem:
+                errors.append(problem)
         if docker is not None:
             await docker.close()
         if errors:
             raise ContainerError("; ".join(errors), container_id=container.id if container is not None else None)
+
+    async def _remove_task_container(self, container: Any, placement: Any) -> str:
+        """Remove a task's container through its node's engine, unless the manager says the node is not up
+        (its engine would not answer: a kill() must not wait for it). Returns an error, or ""."""
+        if isinstance(placement, SwarmPlacement) and placement.node_id:
+            state = await self._node_state(placement.node_id)
+            if state not in ("ready", ""):
+                logger.info(
+                    "not removing container %s now: its node %s is %s (swept when it returns)",
+                    container.id[:12],
+                    placement.node_name,
+                    state,
+                )
+                return ""
+        try:
+            async with asyncio.timeout(_NODE_TIMEOUT):
+                await container.delete(force=True, v=True)
+        except aiodocker.DockerError as exc:
+            if exc.status not in (404, 409) and exc.status != 900:
+                return f"removing container {container.id[:12]} failed: {exc.message}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            logger.info("removing container %s: its node's engine did not answer (%r)", container.id[:12], exc)
+        return ""
+
+    async def _node_state(self, node_id: str) -> str:
+        """The manager's view of a node (ready, down, unknown, disconnected), or "" when it does not answer."""
+        manager = self._engine(self.manager)
+        try:
+            async with asyncio.timeout(_NODE_TIMEOUT):
+                node = await manager.nodes.inspect(node_id=node_id)
+            return str((node.get("Status") or {}).get("State", ""))
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
+            return ""
+        finally:
+            await manager.close()
 
     def protected_ports(self) -> list[int]:
         """The engine APIs (manager, nodes: 2375/2376 unless configured otherwise), the swarm's cluster
@@ -377,6 +413,82 @@ class Swarm(Backend):
         finally:
             await manager.close()
         return removed
+
+    async def sweep(self, selector: Sequence[str] = (), *, timeout: float = 10) -> list[tuple[str, str]]:
+        """Remove the ipybox task containers (with all of `selector`'s labels too) whose service is gone,
+        on every node that is up; returns `(node hostname, container id)` of each removed.
+
+        A node that was down when its sandbox was killed keeps the task's container (stopped, status
+        255) once it returns; the swarm reaps it only with its task history. Nodes that are down are
+        skipped (swept next time); `timeout` bounds each node's engine.
+        """
+        manager = self._engine(self.manager)
+        try:
+            with _swarm_errors("listing the swarm's nodes", self.manager):
+                nodes = [n for n in await manager.nodes.list() if (n.get("Status") or {}).get("State") == "ready"]
+            # Containers first, services second: a container listed has its service created already, so a
+            # sandbox starting meanwhile is never taken for a leftover.
+            found = await asyncio.gather(*(self._task_containers(node, selector, timeout) for node in nodes))
+            with _swarm_errors("listing the swarm's sandbox services", self.manager):
+                services = {str(s["ID"]) for s in await manager.services.list(filters={"label": [CONTAINER_LABEL]})}
+        finally:
+            await manager.close()
+        removed: list[tuple[str, str]] = []
+        for node, (engine_url, containers) in zip(nodes, found, strict=True):
+            hostname = str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
+            leftovers = [c for c in containers if (c["Labels"] or {}).get(_SERVICE_ID_LABEL) not in services]
+            if not leftovers:
+                continue
+            docker = self._engine(engine_url)
+            try:
+                for container in leftovers:
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await docker.containers.container(container.id).delete(force=True, v=True)
+                        removed.append((hostname, container.id))
+                    except aiodocker.DockerError as exc:
+                        if exc.status not in (404, 409):
+                            logger.warning("sweep: removing %s on %s failed: %s", container.id[:12], hostname, exc)
+                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                        logger.info("sweep: the engine of %s did not answer (%r)", hostname, exc)
+                        break
+            finally:
+                await docker.close()
+        return removed
+
+    async def _task_containers(self, node: Any, selector: Sequence[str], timeout: float) -> tuple[str, list[Any]]:
+        """The node's engine URL and its ipybox task containers (raw list entries); none if it does not answer."""
+        url = self._node_engine_url(node)
+        docker = self._engine(url)
+        try:
+            async with asyncio.timeout(timeout):
+                labels = [CONTAINER_LABEL, _SERVICE_ID_LABEL, *selector]
+                found = await docker.containers.list(all=True, filters={"label": labels})
+            return url, list(found)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            logger.info("sweep: the engine of node %s at %s did not answer (%r)", node["ID"][:12], url, exc)
+            return url, []
+        finally:
+            await docker.close()
+
+    def _sweep_now(self) -> None:
+        """From `start`: a sweep in the background, at most once per `_SWEEP_EVERY` seconds per backend."""
+        now = time.monotonic()
+        if self._swept is not None and now - self._swept < _SWEEP_EVERY:
+            return
+        self._swept = now
+        task = asyncio.get_running_loop().create_task(self._sweep_quietly(), name="ipybox-swarm-sweep")
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _sweep_quietly(self) -> None:
+        try:
+            removed = await self.sweep(timeout=5)
+        except Exception as exc:  # a background chore: the next start tries again
+            logger.info("sweeping leftover sandbox containers on the swarm failed: %s", exc)
+            return
+        for hostname, container_id in removed:
+            logger.info("removed leftover sandbox container %s on swarm node %s", container_id[:12], hostname)
 
 
 async def _check_no_new_privileges(container: Any, where: str) -> None:

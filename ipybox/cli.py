@@ -124,16 +124,69 @@ def cleanup(
             help="Only sandboxes past their max lifetime, or whose owner process is gone (paused ones included).",
         ),
     ] = False,
+    swarm: Annotated[
+        str | None,
+        typer.Option(
+            "--swarm",
+            metavar="MANAGER_URL",
+            help="Clean up a Docker Swarm instead of the local engine: remove every ipybox sandbox service, "
+            "then the leftover task containers on every node that is up (tcp://10.0.0.2:2375).",
+        ),
+    ] = None,
+    node_engine: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node-engine",
+            metavar="NAME=URL",
+            help="With --swarm: the engine API of a node by hostname or node id (repeatable) "
+            "[default: tcp://<node address>:2375].",
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            metavar="KEY=VALUE",
+            help="With --swarm: only sandboxes that also carry this label (repeatable).",
+        ),
+    ] = None,
 ) -> None:
-    """Remove ipybox containers (all labelled as ipybox's, or those of one image)."""
-    from ipybox._cleanup import remove_containers
+    """Remove ipybox containers (all labelled as ipybox's, or those of one image), or a swarm's sandboxes."""
+    if swarm is None:
+        if node_engine or label:
+            err.print("[red]error:[/] --node-engine and --label need --swarm MANAGER_URL", highlight=False)
+            raise typer.Exit(2)
+        from ipybox._cleanup import remove_containers
 
+        try:
+            removed = asyncio.run(remove_containers(ancestor, stale=stale))
+        except IpyboxError as exc:
+            err.print(f"[red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        err.print(f"removed {len(removed)} container(s)")
+        return
+    if ancestor is not None or stale:
+        err.print("[red]error:[/] --ancestor and --stale do not apply to --swarm", highlight=False)
+        raise typer.Exit(2)
+    from ipybox._cleanup import clean_swarm
+
+    engines: dict[str, str] = {}
+    for item in node_engine or []:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            err.print(f"[red]error:[/] --node-engine {item!r}: give NAME=URL (node2=tcp://10.0.0.4:2375)")
+            raise typer.Exit(2)
+        engines[name] = url
     try:
-        removed = asyncio.run(remove_containers(ancestor, stale=stale))
-    except IpyboxError as exc:
+        services, containers = asyncio.run(clean_swarm(swarm, engines, list(label or [])))
+    except (IpyboxError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    err.print(f"removed {len(removed)} container(s)")
+    for name in services:
+        err.print(f"removed service {name}", highlight=False)
+    for node, container_id in containers:
+        err.print(f"removed leftover container {container_id[:12]} on node {node}", highlight=False)
+    err.print(f"removed {len(services)} service(s) and {len(containers)} leftover container(s)")
 
 
 @app.command()
