@@ -347,7 +347,9 @@ class Swarm(Backend):
                 raise ContainerStartError(
                     f"the sandbox's task on the swarm was not running within startup_timeout={timeout} s "
                     f"(service {placement.name}, task state {state!r}: {message}). A 'pending' task means no node "
-                    "can take it (constraints, resources, nodes down: `docker node ls`)",
+                    "can take it (constraints, resources, nodes down: `docker node ls`); a 'preparing' task, that its "
+                    "node is still pulling the image (a node's first sandbox pulls it: raise startup_timeout, or pull "
+                    "the image on every node beforehand)",
                     option="ExecutionContainer(startup_timeout=...)",
                 )
             await asyncio.sleep(_POLL)

@@ -191,3 +191,18 @@ def test_main_hands_protected_ports_to_both_modes(monkeypatch: pytest.MonkeyPatc
     documents.clear()
     firewall.main({**spec, "networks": ["10.0.0.0/8"], "domains": [], "resolvers": []})
     assert len(documents) == 4 and all(TCP_REFUSAL in doc for doc in documents)
+
+
+async def test_a_task_still_preparing_at_the_timeout_names_the_image_pull() -> None:
+    from types import SimpleNamespace
+
+    from ipybox._errors import ContainerStartError
+    from ipybox._swarm import SwarmPlacement
+
+    async def tasks_list(filters: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"Status": {"State": "preparing", "Message": "preparing"}, "NodeID": "n1"}]
+
+    manager: Any = SimpleNamespace(tasks=SimpleNamespace(list=tasks_list))
+    with pytest.raises(ContainerStartError, match="still pulling the image") as info:
+        await Swarm(MANAGER)._running_task(manager, SwarmPlacement("id1", "ipybox-abc"), 0)
+    assert "startup_timeout=0" in str(info.value) and "ipybox-abc" in str(info.value)
