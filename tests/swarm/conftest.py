@@ -67,6 +67,9 @@ def swarm_image_pulled(swarm_lab: SwarmLab, swarm_image: str) -> str:
     """`swarm_image`, pulled on every node beforehand (in parallel): starts then take ~1.5 s, not a pull."""
     import concurrent.futures
 
+    def pull(name: str) -> str:
+        return swarm_lab.docker("pull", "-q", swarm_image, node=name, timeout=600)
+
     with concurrent.futures.ThreadPoolExecutor(len(swarm_lab.nodes)) as pool:
-        list(pool.map(lambda name: swarm_lab.docker("pull", "-q", swarm_image, node=name, timeout=600), swarm_lab.nodes))
+        list(pool.map(pull, swarm_lab.nodes))
     return swarm_image
