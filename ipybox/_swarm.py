@@ -38,6 +38,7 @@ from ipybox._errors import (
     ContainerError,
     ContainerStartError,
     DockerUnavailableError,
+    ImageError,
     ImageNotFoundError,
     IpyboxError,
 )
@@ -364,10 +365,11 @@ class Swarm(Backend):
                 node = f" on node {(info.get('Description') or {}).get('Hostname', task['NodeID'][:12])!r}"
         image = ((task.get("Spec") or {}).get("ContainerSpec") or {}).get("Image", "")
         if "No such image" in error or "pull access denied" in error or "manifest unknown" in error:
-            return ImageNotFoundError(
+            return _image_not_found(
+                image,
                 f"the sandbox's task{node} could not get image {image!r}: {error}. Each node pulls the image "
                 "itself: push it to a registry every node can reach (docker tag + docker push) and pass that "
-                "name as tag= (e.g. tag='registry.example:5000/ipybox'), or load it on every node"
+                "name as tag= (e.g. tag='registry.example:5000/ipybox'), or load it on every node",
             )
         return ContainerStartError(f"the sandbox's task{node} failed to start (service {placement.name}): {error}")
 
@@ -491,6 +493,15 @@ class Swarm(Backend):
             return
         for hostname, container_id in removed:
             logger.info("removed leftover sandbox container %s on swarm node %s", container_id[:12], hostname)
+
+
+def _image_not_found(tag: str, message: str) -> ImageNotFoundError:
+    """An `ImageNotFoundError` with a swarm's message: its own says to build the image locally, which
+    does not help nodes that pull it from a registry."""
+    error = ImageNotFoundError.__new__(ImageNotFoundError)
+    ImageError.__init__(error, message, option="docker push to a registry the nodes can reach; tag=<that name>")
+    error.tag = tag
+    return error
 
 
 async def _check_no_new_privileges(container: Any, where: str) -> None:
