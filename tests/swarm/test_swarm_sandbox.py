@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ipybox import AuthenticationError, ExecutionClient, ExecutionContainer, ResourceClient, Swarm, _tokens
+from ipybox import AuthenticationError, ExecutionClient, ExecutionContainer, ResourceClient, Swarm, _routes, _tokens
 from ipybox._swarm import SwarmPlacement
 from ipybox.executor import ExecutionResult
 from tests.swarmlab import SwarmLab
@@ -108,6 +108,17 @@ async def test_start_cell_png_and_kill_removes_service_and_container(
     assert swarm_lab.docker("service", "ls", "-q", "--filter", f"label={LABEL}={marker}") == ""
     assert node_containers(swarm_lab, f"{LABEL}={marker}")[made.node_name] == []
     print(f"start {started:.2f} s, kill {killed:.2f} s on {made.node_name}")
+
+
+async def test_clients_use_the_nodes_published_ports_only(make_sandbox: SandboxFactory) -> None:
+    """The task's container address is on its node's bridge. Every engine's default bridge is 172.17.0.0/16,
+    so the same address on this host's bridge is some other container: a "direct route" there would send
+    the sandbox's secret to it. Clients of a swarm sandbox must go to the node's published ports only."""
+    container = await make_sandbox()
+    for port, inner in ((container.executor_port, 8888), (container.resource_port, 8900)):
+        assert _routes.direct_sessions(container.host, port, inner) == []
+    async with ExecutionClient(port=container.executor_port, host=container.host) as client:
+        assert client._via == "published port"
 
 
 # -- 2. spread ------------------------------------------------------------------------------------------------
