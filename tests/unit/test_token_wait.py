@@ -45,3 +45,24 @@ def test_a_bad_wait_is_named(token_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(token.TOKEN_WAIT_ENV, "soon")
     with pytest.raises(SystemExit, match="IPYBOX_TOKEN_WAIT='soon' is not a number"):
         token.take_token()
+
+
+def test_a_file_not_yet_handed_over_is_waited_for(token_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine's extraction creates the file root-owned first; the server's read then failed with
+    # PermissionError and the sandbox exited. Simulated: unreadable, then empty, then the secret.
+    monkeypatch.setenv(token.TOKEN_WAIT_ENV, "5")
+    reads = iter([PermissionError(13, "Permission denied"), "", "s3cret\n"])
+    real_read = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if self == token_path:
+            value = next(reads, "s3cret\n")
+            if isinstance(value, BaseException):
+                raise value
+            return value
+        return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    token_path.write_text("placeholder")
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert token.take_token() == "s3cret"
+    assert not token_path.exists()

@@ -26,12 +26,22 @@ TOKEN_WAIT_ENV = "IPYBOX_TOKEN_WAIT"
 
 
 def _wait_for_file(seconds: float) -> None:
-    """Wait up to `seconds` for the secret file: on a swarm the task's container is started by the node's
-    engine, so the host can only place the secret after the start (through that engine's
-    `put_archive`). Nothing else runs in the container meanwhile: no kernel starts before the servers,
-    and the servers start after this."""
+    """Wait up to `seconds` until the secret file can be read with content: on a swarm the task's
+    container is started by the node's engine, so the host can only place the secret after the start
+    (through that engine's `put_archive`). Nothing else runs in the container meanwhile: no kernel
+    starts before the servers, and the servers start after this.
+
+    The engine's extraction creates the file (root's, mode 0400), writes it, and only then hands it to
+    the sandbox user: existing is not enough, readable is (and then its content is complete). A read in
+    that window used to end the server with PermissionError (one start in about 25 on the swarm rig).
+    """
     deadline = time.monotonic() + seconds
-    while not TOKEN_PATH.exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        try:
+            if TOKEN_PATH.read_text().strip():
+                return
+        except (FileNotFoundError, PermissionError):
+            pass
         time.sleep(0.01)
 
 
