@@ -28,6 +28,11 @@ class Backend:
     """Where sandboxes run. Subclasses implement `start` and `remove`; instances are shared by every
     sandbox of a pool, so they hold configuration and connections, never one sandbox's state."""
 
+    #: Whether clients may take the direct routes (unix sockets through /proc, the container's bridge
+    #: address) that `ipybox._routes` records for a container of this machine's engine. False for
+    #: containers elsewhere: their bridge address may name a container of this host (security.md).
+    direct_routes = False
+
     def check(self, sandbox: ExecutionContainer) -> None:
         """Refuse, at construction, options this backend cannot honour (`ValueError` naming the fix)."""
 
@@ -60,6 +65,8 @@ class Backend:
 
 class LocalEngine(Backend):
     """The engine of `DOCKER_HOST`, else the local socket: containers created directly (the default)."""
+
+    direct_routes = True  # `ipybox._routes` checks that the engine and the container are this machine's
 
     async def start(self, sandbox: ExecutionContainer, token: str) -> None:
         await sandbox._start_on_engine(token)

@@ -979,6 +979,12 @@ class ExecutionContainer:
             resource = _published_port(ports, RESOURCE_PORT)
             if executor is not None and resource is not None:
                 self._executor_port, self._resource_port = executor, resource
+                if not self.backend.direct_routes:
+                    # Another machine's container (a swarm node's): its pid and its bridge address mean
+                    # nothing here, and the address may be a container of this host's own bridge, which
+                    # would receive the secret. Clients use the published ports only.
+                    self._pid, self._server = 0, None
+                    return
                 pid = int((info.get("State") or {}).get("Pid") or 0)
                 # Only a pid this process can check is worth keeping (a remote engine's means nothing here).
                 self._pid = pid if pid and _tokens.container_runs(str(info.get("Id") or ""), pid) else 0
