@@ -138,8 +138,8 @@ def cleanup(
         typer.Option(
             "--node-engine",
             metavar="NAME=URL",
-            help="With --swarm: the engine API of a node by hostname or node id (repeatable) "
-            "[default: tcp://<node address>:2375].",
+            help="With --swarm: the engine API of a node by hostname or node id (repeatable); "
+            "by default tcp://NODE_ADDRESS:2375.",
         ),
     ] = None,
     label: Annotated[
