@@ -85,7 +85,7 @@ async def bench(manager: str, engines: dict[str, str], ref: str, local_tag: str)
     rows: list[tuple[str, str, str]] = []
 
     def med(values: list[float]) -> str:
-        return f"{statistics.median(values):.3f} s (min {min(values):.3f}, max {max(values):.3f})"
+        return f"{1000 * statistics.median(values):.1f} ms (min {1000 * min(values):.1f}, max {1000 * max(values):.1f})"
 
     async def runs(make: Callable[[], Any]) -> list[float]:
         return [await make() for _ in range(RUNS)]
