@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+_PRUNE_INTERVAL = 1.0  # s between checks of the spares (a dead one is replaced at once, not at hand-out)
 """Seconds the pool waits before starting again after consecutive failed starts."""
 
 
@@ -84,7 +85,11 @@ class Sandbox:
         for callback in self._on_close:
             callback(self)
         try:
-            results = await asyncio.gather(*(client.disconnect() for client in self.clients), return_exceptions=True)
+            # The kernels go with the container: no shutdown request (to a sandbox on a node that is down,
+            # it waited its full timeout for every sandbox closed).
+            results = await asyncio.gather(
+                *(client.disconnect(shutdown=False) for client in self.clients), return_exceptions=True
+            )
         finally:
             await self.container.kill()
         for result in results:
@@ -201,6 +206,7 @@ class SandboxPool:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_starting)
         self._holds = 0  # restores in progress: no refill meanwhile (they need the CPU), waiters excepted
+        self._discarding: set[asyncio.Future[None]] = set()  # dead spares being removed
 
     @property
     def ready(self) -> int:
@@ -258,11 +264,7 @@ class SandboxPool:
                         await sandbox.close()
                         raise
                 return sandbox
-            logger.warning(
-                "discarding pooled sandbox %s: its kernel connection is gone", sandbox.container.container_id
-            )
-            self._wake.set()
-            await sandbox.close()
+            self._discard(sandbox)
 
     async def restore(self, snapshot: Snapshot | str | Path, *, timeout: float = 60) -> Sandbox:
         """A pooled sandbox with a snapshot restored into it: `fork(snapshot, 1)[0]`."""
@@ -342,6 +344,7 @@ class SandboxPool:
         sandboxes = list(self._handed_out)
         while not self._ready.empty():
             sandboxes.append(self._ready.get_nowait())
+        await asyncio.gather(*self._discarding, return_exceptions=True)
         results = await asyncio.gather(*(sandbox.close() for sandbox in sandboxes), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -389,15 +392,42 @@ class SandboxPool:
         async with self._changed:
             self._changed.notify_all()
 
+    def _discard(self, sandbox: Sandbox) -> None:
+        """Remove a dead spare in the background: the refill and the callers do not wait for it."""
+        logger.warning("discarding pooled sandbox %s: its kernel connection is gone", sandbox.container.container_id)
+        task = asyncio.ensure_future(sandbox.close())
+        self._discarding.add(task)
+        task.add_done_callback(self._discarding.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # logged by close(), not raised
+        self._wake.set()
+
+    def _prune(self) -> None:
+        """Take spares whose connection died out of the queue, so `ready` counts only live ones and the
+        refill replaces them now (a node of a swarm went down), not when an acquire() reaches them."""
+        alive = []
+        while not self._ready.empty():
+            sandbox = self._ready.get_nowait()
+            if sandbox.healthy():
+                alive.append(sandbox)
+            else:
+                self._discard(sandbox)
+        for sandbox in alive:
+            self._ready.put_nowait(sandbox)
+
     async def _keep_filled(self) -> None:
         while True:
+            self._prune()
             while self._ready.qsize() + len(self._starting) < (0 if self._holds else self.size) + len(self._waiters):
                 task = asyncio.create_task(self._start_one(), name="ipybox-pool-start")
                 self._starting.add(task)
                 task.add_done_callback(self._starting.discard)
                 task.add_done_callback(lambda _task: self._wake.set())
             self._wake.clear()
-            await self._wake.wait()
+            # asyncio.timeout, not wait_for: 3.11's wait_for could leave this task cancelling for ever
+            # when close() cancelled it (seen: the pool's close hung).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_PRUNE_INTERVAL):
+                    await self._wake.wait()
             if self._consecutive_failures:
                 delay = _RETRY_DELAYS[min(self._consecutive_failures, len(_RETRY_DELAYS)) - 1]
                 await asyncio.sleep(delay)

@@ -207,3 +207,24 @@ async def test_a_pooled_sandbox_pauses_and_resumes_with_its_cell(image: str) -> 
             assert (await sandbox.client.execute("print('after')")).text == "after"
             async with pool.sandbox() as other:  # the spare was not disturbed by the pause
                 assert (await other.client.execute("print('spare')")).text == "spare"
+
+
+async def test_a_dead_spare_is_replaced_without_an_acquire(image: str) -> None:
+    # A spare whose container died (a swarm node that went down) used to count as ready until an
+    # acquire() reached it: the refill started only then. Now the pool checks its spares every second.
+    async with _pool(image, 2) as pool:
+        await pool.wait_ready(timeout=READY_TIMEOUT)
+        dead = pool._ready._queue[0]  # type: ignore[attr-defined]
+        docker = aiodocker.Docker()
+        try:
+            await (await docker.containers.get(dead.container.container_id or "")).kill()
+        finally:
+            await docker.close()
+        for _ in range(100):  # the spare is taken out of the count within about a second
+            await asyncio.sleep(0.1)
+            if dead not in pool._ready._queue:  # type: ignore[attr-defined]
+                break
+        assert dead not in pool._ready._queue  # type: ignore[attr-defined]
+        await pool.wait_ready(timeout=READY_TIMEOUT)  # and replaced, with nobody acquiring
+        assert pool.ready == 2
+        assert dead.closed
