@@ -829,6 +829,10 @@ class ExecutionContainer:
             env.append(f"IPYBOX_MAX_LIFETIME={self.max_lifetime:g}")
         if self.owner_bound:
             env.append(f"IPYBOX_OWNER_GRACE={self.owner_grace:g}")
+        if self._self_ending:
+            # Created with AutoRemove: only then may `PUT /lifecycle` arm an idle timeout (a server that
+            # exits in a container without it leaves a stopped container behind).
+            env.append("IPYBOX_SELF_ENDING=1")
         return env
 
     def _lifecycle_labels(self) -> dict[str, str]:

@@ -163,7 +163,7 @@ def test_kernel_activity_and_busy_kernels() -> None:
 
 
 async def test_put_lifecycle_arms_and_disarms_the_idle_timeout() -> None:
-    watchdog = lifecycle.Watchdog(0.0)
+    watchdog = lifecycle.Watchdog(0.0, self_ending=True)
     async with TestClient(TestServer(resource.create_app(TOKEN, watchdog=watchdog))) as client:
         response = await client.put("/lifecycle", json={"idle_timeout": 2.5}, headers=AUTH)
         assert response.status == 200
@@ -187,10 +187,26 @@ async def test_put_lifecycle_arms_and_disarms_the_idle_timeout() -> None:
     ],
 )
 async def test_put_lifecycle_refuses_bad_bodies_with_the_shape_named(body: object) -> None:
-    watchdog = lifecycle.Watchdog(0.0, idle_timeout=9.0)
+    watchdog = lifecycle.Watchdog(0.0, idle_timeout=9.0, self_ending=True)
     async with TestClient(TestServer(resource.create_app(TOKEN, watchdog=watchdog))) as client:
         response = await client.put("/lifecycle", json=body, headers=AUTH)
         assert response.status == 400
         assert "idle_timeout" in (await response.json())["error"]
         assert watchdog.idle_timeout == 9.0
         assert (await client.put("/lifecycle", json={"idle_timeout": 1}, headers={})).status == 401
+
+
+async def test_put_lifecycle_is_refused_in_a_sandbox_not_created_to_end_itself() -> None:
+    # Its container has no AutoRemove: a server ended by an idle timeout would leave it stopped. The
+    # resource fuzzer armed tiny timeouts this way and the sandbox under test went away mid-run.
+    watchdog = lifecycle.Watchdog(0.0)
+    async with TestClient(TestServer(resource.create_app(TOKEN, watchdog=watchdog))) as client:
+        response = await client.put("/lifecycle", json={"idle_timeout": 1e-9}, headers=AUTH)
+        assert response.status == 409
+        assert "not created to end itself" in (await response.json())["error"]
+        assert not watchdog.armed
+
+
+def test_self_ending_comes_from_the_environment() -> None:
+    assert lifecycle.Watchdog.from_environ(0.0, {"IPYBOX_SELF_ENDING": "1"}).self_ending
+    assert not lifecycle.Watchdog.from_environ(0.0, {}).self_ending

@@ -54,8 +54,10 @@ class Watchdog:
         idle_timeout: float | None = None,
         max_lifetime: float | None = None,
         owner_grace: float | None = None,
+        self_ending: bool = False,
     ) -> None:
         self.idle_timeout = idle_timeout
+        self.self_ending = self_ending  # created with AutoRemove: a limit may be armed later (PUT /lifecycle)
         self.max_lifetime = max_lifetime
         self.owner_grace = owner_grace  # None: not owner-bound
         self._start = now
@@ -71,6 +73,7 @@ class Watchdog:
             idle_timeout=_seconds(environ, "IPYBOX_IDLE_TIMEOUT"),
             max_lifetime=_seconds(environ, "IPYBOX_MAX_LIFETIME"),
             owner_grace=_seconds(environ, "IPYBOX_OWNER_GRACE"),
+            self_ending=environ.get("IPYBOX_SELF_ENDING", "") == "1",
         )
 
     @property
@@ -158,6 +161,11 @@ async def set_limits(request: web.Request) -> web.Response:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
         raise web.HTTPBadRequest(text=f"idle_timeout must be a positive number of seconds or null, got {value!r}")
     watchdog = request.app[WATCHDOG_KEY]
+    if not watchdog.self_ending:
+        raise web.HTTPConflict(
+            text="this sandbox was not created to end itself (its container would be left stopped): start it "
+            "with idle_timeout, max_lifetime or owner_bound to set limits"
+        )
     watchdog.idle_timeout = None if value is None else float(value)
     watchdog.activity()
     return web.json_response(

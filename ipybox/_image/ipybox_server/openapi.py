@@ -184,7 +184,8 @@ SPEC: dict[str, Any] = {
                 "summary": "Arm, re-arm or disarm the sandbox's idle timeout, counted from now.",
                 "description": (
                     "A `SandboxPool` with `idle_timeout` starts its spares without one and arms it when it hands "
-                    "a sandbox out. The lifetime and the owner binding are fixed at create time."
+                    "a sandbox out. The lifetime and the owner binding are fixed at create time. 409 for a "
+                    "sandbox not created to end itself (its container would be left stopped)."
                 ),
                 "requestBody": {
                     "required": True,
@@ -194,7 +195,14 @@ SPEC: dict[str, Any] = {
                                 "type": "object",
                                 "required": ["idle_timeout"],
                                 "additionalProperties": False,
-                                "properties": {"idle_timeout": {"type": "number", "nullable": True, "minimum": 0}},
+                                "properties": {
+                                    "idle_timeout": {
+                                        "type": "number",
+                                        "nullable": True,
+                                        "minimum": 0,
+                                        "exclusiveMinimum": True,
+                                    }
+                                },
                             }
                         }
                     },
@@ -209,7 +217,8 @@ SPEC: dict[str, Any] = {
                                 for name in ("idle_timeout", "max_lifetime", "owner_grace")
                             },
                         },
-                    )
+                    ),
+                    "409",
                 ),
             }
         },
