@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -302,60 +302,65 @@ class KernelTransport:
     async def _create_kernel(self, retries: int, retry_interval: float) -> str:
         if self.existing is not None:
             return await self._find_kernel(self.existing, retries, retry_interval)
-        assert self._session is not None
-        last_error: Exception | None = None
-        for attempt in range(max(retries, 1)):
-            if attempt:
-                await asyncio.sleep(retry_interval)
-            try:
-                async with self._session.post("/api/kernels", json={"name": "python3"}) as response:
-                    if response.status == 403 and "Resource Limit" in await response.text():
-                        raise KernelLimitError(
-                            f"creating a kernel at {self.base_url} was refused: the container runs its maximum "
-                            "number of kernels (ExecutionContainer max_kernels); disconnect another client first",
-                            status=403,
-                            option="ExecutionContainer(max_kernels=...)",
-                        )
-                    if response.status in (401, 403):
-                        raise status_error(response.status, "creating a kernel", self.base_url)
-                    if response.status >= 400:
-                        last_error = ServerConnectionError(
-                            f"creating a kernel at {self.base_url} failed: HTTP {response.status} "
-                            f"{await response.text()}",
-                            status=response.status,
-                        )
-                        continue
-                    return str((await response.json())["id"])
-            except aiohttp.ClientError as exc:
-                last_error = exc
-        raise ServerConnectionError(
-            f"could not reach the kernel gateway at {self.base_url}{_where.suffix(self.host, self.port)} after "
-            f"{max(retries, 1)} tries: {last_error}",
-            option="ExecutionClient.connect(retries=..., retry_interval=...)",
-        ) from last_error
+
+        async def refuse(response: aiohttp.ClientResponse) -> None:
+            if response.status == 403 and "Resource Limit" in await response.text():
+                raise KernelLimitError(
+                    f"creating a kernel at {self.base_url} was refused: the container runs its maximum "
+                    "number of kernels (ExecutionContainer max_kernels); disconnect another client first",
+                    status=403,
+                    option="ExecutionContainer(max_kernels=...)",
+                )
+
+        return await self._kernel_request(
+            "POST", "/api/kernels", "creating a kernel", refuse, retries, retry_interval, json={"name": "python3"}
+        )
 
     async def _find_kernel(self, kernel_id: str, retries: int, retry_interval: float) -> str:
         """Check that the gateway runs the kernel `kernel_id` (GET /api/kernels/<id>): connect to an existing one."""
+
+        async def refuse(response: aiohttp.ClientResponse) -> None:
+            if response.status == 404:
+                raise RequestRefusedError(
+                    f"the gateway at {self.base_url} runs no kernel {kernel_id} (HTTP 404): it was shut "
+                    "down, or the sandbox is another one; ExecutionContainer.kernel_ids() lists its kernels",
+                    status=404,
+                    kernel_id=kernel_id,
+                    option="ExecutionClient(kernel_id=...)",
+                )
+
+        return await self._kernel_request(
+            "GET", f"/api/kernels/{kernel_id}", f"looking up kernel {kernel_id}", refuse, retries, retry_interval
+        )
+
+    async def _kernel_request(
+        self,
+        method: str,
+        path: str,
+        action: str,
+        refuse: Callable[[aiohttp.ClientResponse], Awaitable[None]],
+        retries: int,
+        retry_interval: float,
+        **kwargs: Any,
+    ) -> str:
+        """The id of the kernel model the gateway answers `method path` with, trying `retries` times.
+
+        `refuse` raises for answers that another try cannot change; 401/403 raise too; other HTTP
+        errors and connection errors are tried again.
+        """
         assert self._session is not None
         last_error: Exception | None = None
         for attempt in range(max(retries, 1)):
             if attempt:
                 await asyncio.sleep(retry_interval)
             try:
-                async with self._session.get(f"/api/kernels/{kernel_id}") as response:
-                    if response.status == 404:
-                        raise RequestRefusedError(
-                            f"the gateway at {self.base_url} runs no kernel {kernel_id} (HTTP 404): it was shut "
-                            "down, or the sandbox is another one; ExecutionContainer.kernel_ids() lists its kernels",
-                            status=404,
-                            kernel_id=kernel_id,
-                            option="ExecutionClient(kernel_id=...)",
-                        )
+                async with self._session.request(method, path, **kwargs) as response:
+                    await refuse(response)
                     if response.status in (401, 403):
-                        raise status_error(response.status, f"looking up kernel {kernel_id}", self.base_url)
+                        raise status_error(response.status, action, self.base_url)
                     if response.status >= 400:
                         last_error = ServerConnectionError(
-                            f"looking up kernel {kernel_id} at {self.base_url} failed: HTTP {response.status}",
+                            f"{action} at {self.base_url} failed: HTTP {response.status} {await response.text()}",
                             status=response.status,
                         )
                         continue

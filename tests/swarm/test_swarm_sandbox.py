@@ -450,3 +450,35 @@ async def test_pause_resume_keeps_a_running_cell(make_sandbox: SandboxFactory, s
         assert not container.paused and swarm_lab.docker(*state, node=node) == "running"
         result = await execution.result(timeout=30)
     assert (result.text or "").splitlines() == [str(i) for i in range(8)]
+
+
+# -- 11. snapshot, restore and fork onto the swarm ------------------------------------------------------------
+
+
+async def test_snapshot_restore_and_fork_onto_the_swarm(
+    make_sandbox: SandboxFactory, swarm_backend: Swarm, swarm_lab: SwarmLab, marker: str, tmp_path: Path
+) -> None:
+    source = await make_sandbox()
+    async with ExecutionClient(port=source.executor_port, host=source.host) as client:
+        await client.execute(
+            "import pathlib\npathlib.Path('notes.txt').write_text('kept')\n"
+            "class Box:\n    def __init__(self, v): self.v = v\nbox = Box(41)\ndef bump(b): return b.v + 1"
+        )
+        snap = await source.snapshot(tmp_path / "snap", clients=[client])
+    labels = {LABEL: marker}
+    restored = await ExecutionContainer.restore(snap, backend=swarm_backend, labels=labels, startup_timeout=180)
+    forks = []
+    try:
+        result = await restored.client.execute("print(bump(box), open('notes.txt').read())")
+        assert result.text == "42 kept"
+        forks = await snap.fork(2, backend=swarm_backend, labels=labels, startup_timeout=180)
+        await forks[0].client.execute("box.v = 0")
+        assert (await forks[1].client.execute("print(bump(box))")).text == "42"
+        assert (await forks[0].client.execute("print(bump(box))")).text == "1"
+        for sandbox in [restored, *forks]:
+            assert isinstance(sandbox.container._placement, SwarmPlacement)
+    finally:
+        await asyncio.gather(*(s.close() for s in [restored, *forks]), return_exceptions=True)
+    # Closing them removed their services: only the source's is left.
+    services = swarm_lab.docker("service", "ls", "-q", "--filter", f"label={LABEL}={marker}")
+    assert [placement(source).service_id.startswith(s) for s in services.split()] == [True]
