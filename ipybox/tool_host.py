@@ -21,8 +21,7 @@ import json
 import keyword
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any
 
@@ -35,7 +34,7 @@ from ipybox._errors import (
     ServerConnectionError,
     ToolHostError,
 )
-from ipybox._image.ipybox_server import mcp_params
+from ipybox._image.ipybox_server import mcp_call
 from ipybox.resource import _mcp
 from ipybox.resource._mcp import check_server_params
 from ipybox.resource.client import ResourceClient
@@ -65,53 +64,9 @@ class _Failed(Exception):
         self.kind = kind
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _describe(exc: BaseException) -> str:
-    leaf = _leaf(exc)
+    leaf = mcp_call.leaf_exception(exc)
     return f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
-
-
-def content_text(result: Any) -> str:
-    """The text of a tool result's content blocks, one per line: as the in-sandbox tool service makes it
-    (`ipybox_server.mcp_call.content_text`; a unit test keeps the two the same)."""
-    parts = []
-    for block in result.content:
-        if block.type == "text":
-            parts.append(block.text)
-        elif block.type == "resource" and getattr(block.resource, "text", None) is not None:
-            parts.append(block.resource.text)
-        else:
-            parts.append(f"[{block.type} content not shown]")
-    return "\n".join(parts)
-
-
-@asynccontextmanager
-async def _connect(params: dict[str, Any], errlog: IO[bytes]) -> AsyncIterator[Any]:
-    """An initialized `mcp.Client` for normalized `params`, on the host."""
-    from mcp import Client
-    from mcp.client.sse import sse_client
-    from mcp.client.stdio import StdioServerParameters, stdio_client
-    from mcp.client.streamable_http import streamable_http_client
-    from mcp.shared._httpx_utils import create_mcp_http_client
-
-    async with AsyncExitStack() as stack:
-        transport: Any
-        if params["type"] == mcp_params.STDIO:
-            stdio = StdioServerParameters(
-                command=params["command"], args=params["args"], env=params.get("env"), cwd=params.get("cwd")
-            )
-            transport = stdio_client(stdio, errlog=errlog)  # type: ignore[arg-type]
-        elif params["type"] == mcp_params.SSE:
-            transport = sse_client(params["url"], headers=params.get("headers"))
-        else:
-            http_client = await stack.enter_async_context(create_mcp_http_client(headers=params.get("headers")))
-            transport = streamable_http_client(params["url"], http_client=http_client)
-        yield await stack.enter_async_context(Client(transport))
 
 
 class _HostServer:
@@ -136,7 +91,7 @@ class _HostServer:
 
     async def _own(self, ready: asyncio.Future[Any], stop: asyncio.Event, errlog: IO[bytes]) -> None:
         try:
-            async with _connect(self.params, errlog) as client:
+            async with mcp_call.connect(self.params, errlog) as client:
                 if not ready.done():
                     ready.set_result(client)
                 await stop.wait()
@@ -240,7 +195,7 @@ class _HostServer:
             self.running -= 1
         return {
             "is_error": bool(result.is_error),
-            "text": content_text(result),
+            "text": mcp_call.content_text(result),
             "structured": result.structured_content,
         }
 

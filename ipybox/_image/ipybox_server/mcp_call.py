@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import IO, Any
 
-from ipybox_server import mcp_params
+# Relative, unlike the other modules here: the host's ToolHost imports this module too (as
+# ipybox._image.ipybox_server.mcp_call), so that both ends connect and render results the same way.
+from . import mcp_params
 
 # The SDK gives a stdio server only HOME, LOGNAME, PATH, SHELL, TERM and USER: these are passed too, so
 # that servers reach HTTPS hosts through the image's CA bundle and decode text as the image does.
