@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -266,18 +266,31 @@ class SandboxPool:
                 return sandbox
             self._discard(sandbox)
 
-    async def restore(self, snapshot: Snapshot | str | Path, *, timeout: float = 60) -> Sandbox:
+    async def restore(
+        self,
+        snapshot: Snapshot | str | Path,
+        *,
+        timeout: float = 60,
+        mcp_servers: Mapping[str, dict[str, Any]] | None = None,
+    ) -> Sandbox:
         """A pooled sandbox with a snapshot restored into it: `fork(snapshot, 1)[0]`."""
-        return (await self.fork(snapshot, 1, timeout=timeout))[0]
+        return (await self.fork(snapshot, 1, timeout=timeout, mcp_servers=mcp_servers))[0]
 
-    async def fork(self, snapshot: Snapshot | str | Path, n: int, *, timeout: float = 60) -> list[Sandbox]:
+    async def fork(
+        self,
+        snapshot: Snapshot | str | Path,
+        n: int,
+        *,
+        timeout: float = 60,
+        mcp_servers: Mapping[str, dict[str, Any]] | None = None,
+    ) -> list[Sandbox]:
         """`n` pooled sandboxes, each with the snapshot's files and namespaces restored into it.
 
         The snapshot (a `Snapshot` or its path) is verified completely first; the sandboxes are taken
         from the pool and restored concurrently, and the pool starts no replacements until they are done
         (the starts would compete with the restores for the CPU). The pool's options apply (its image
         must be the snapshot's: checked by image id), not the snapshot's limits. The caller owns the
-        sandboxes (`close()`).
+        sandboxes (`close()`). `mcp_servers` as `ipybox.snapshot.restore` takes it.
 
         Raises:
             SnapshotError: The snapshot is incomplete, tampered with, of another image, or a namespace
@@ -286,10 +299,11 @@ class SandboxPool:
             ValueError: `n` is below 1.
         """
         from ipybox import _snapshot_format
-        from ipybox.snapshot import Snapshot, _load_into
+        from ipybox.snapshot import Snapshot, _checked_servers, _load_into
 
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
+        servers = _checked_servers(mcp_servers)
         self._check_running()
         snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.load(snapshot)
         await asyncio.to_thread(_snapshot_format.verify_files, snap.path, snap._manifest)
@@ -307,7 +321,7 @@ class SandboxPool:
                     if isinstance(result, Sandbox) and result not in sandboxes:
                         sandboxes.append(result)
                 raise
-            await asyncio.gather(*(_load_into(sandbox, snap, timeout) for sandbox in sandboxes))
+            await asyncio.gather(*(_load_into(sandbox, snap, timeout, servers=servers) for sandbox in sandboxes))
         except BaseException:
             await asyncio.gather(*(sandbox.close() for sandbox in sandboxes), return_exceptions=True)
             raise

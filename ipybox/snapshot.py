@@ -39,10 +39,11 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -55,6 +56,7 @@ from ipybox.executor import ExecutionClient
 from ipybox.pool import Sandbox, _client_host, start_sandbox
 from ipybox.resource._files import _NO_COMPRESSION, _READ_BUFSIZE, _url
 from ipybox.resource._http import Link, raise_for_response, transfer
+from ipybox.resource._mcp import check_server_params
 from ipybox.resource.client import ResourceClient
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,9 @@ class Snapshot:
         created: When it was made (ISO 8601, UTC).
         image: `{"tag": ..., "id": ...}` of the sandbox it was made from; a restore uses that image.
         kernels: One `KernelReport` per kernel, in the order of the clients.
+        mcp_servers: Names of the MCP servers registered in the sandbox (by `generate_mcp_sources`). Their
+            params are not in the snapshot (they may hold secrets): a restore registers them again from
+            its `mcp_servers` argument.
         size: Bytes of its files.
     """
 
@@ -110,6 +115,7 @@ class Snapshot:
             )
             for k in manifest.get("kernels", [])
         ]
+        self.mcp_servers: list[str] = [str(name) for name in manifest.get("mcp_servers", [])]
         self.size = sum(int(meta["size"]) for meta in manifest.get("files", {}).values())
 
     @classmethod
@@ -267,7 +273,13 @@ async def _snapshot(
     return Snapshot(final, manifest)
 
 
-async def restore(snapshot: Snapshot | str | Path, *, timeout: float = 60, **container_options: Any) -> Sandbox:
+async def restore(
+    snapshot: Snapshot | str | Path,
+    *,
+    timeout: float = 60,
+    mcp_servers: Mapping[str, dict[str, Any]] | None = None,
+    **container_options: Any,
+) -> Sandbox:
     """Start a new sandbox from a snapshot: its files in `/app`, one kernel per captured kernel.
 
     The sandbox gets the snapshot's image (by id: another image under the same tag is refused unless
@@ -279,6 +291,9 @@ async def restore(snapshot: Snapshot | str | Path, *, timeout: float = 60, **con
     Args:
         snapshot: A `Snapshot` or the path of one.
         timeout: Seconds the kernels may take to load their namespaces.
+        mcp_servers: `{name: server_params}` registered in the new sandbox before its kernels load, so
+            that the snapshot's generated MCP packages can call their servers (`Snapshot.mcp_servers`
+            names the ones its sandbox had; params are never stored in a snapshot).
         **container_options: Options for the new `ExecutionContainer`, and `firewall` (a list of
             allowed destinations, as `SandboxPool` takes it) applied before anything is restored.
             A `memory_limit` given here also re-derives `tmp_size`/`app_size` unless they are given.
@@ -294,7 +309,8 @@ async def restore(snapshot: Snapshot | str | Path, *, timeout: float = 60, **con
         IpyboxError: The sandbox could not be started.
     """
     snap = _loaded(snapshot)
-    return (await _restore_fresh(snap, 1, timeout, container_options))[0]
+    servers = _checked_servers(mcp_servers)
+    return (await _restore_fresh(snap, 1, timeout, container_options, servers))[0]
 
 
 async def fork(
@@ -303,6 +319,7 @@ async def fork(
     *,
     clients: Sequence[ExecutionClient] | None = None,
     timeout: float = 60,
+    mcp_servers: Mapping[str, dict[str, Any]] | None = None,
     **container_options: Any,
 ) -> list[Sandbox]:
     """`n` independent sandboxes restored from one snapshot, started concurrently.
@@ -317,14 +334,15 @@ async def fork(
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    servers = _checked_servers(mcp_servers)
     if isinstance(source, ExecutionContainer | Sandbox):
         work = await asyncio.to_thread(_temp_directory)
         try:
             snap = await snapshot(source, work / "snapshot", clients=clients, timeout=timeout)
-            return await _restore_fresh(snap, n, timeout, container_options)
+            return await _restore_fresh(snap, n, timeout, container_options, servers)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
-    return await _restore_fresh(_loaded(source), n, timeout, container_options)
+    return await _restore_fresh(_loaded(source), n, timeout, container_options, servers)
 
 
 # -- capture ---------------------------------------------------------------------------------------------
@@ -393,6 +411,7 @@ async def _capture(
                 await _download(link, f"files/{temp}/{index}.pkl", partial / "kernels" / f"{index}.pkl")
             query = [("exclude_mounts", "true"), ("exclude", temp)]
             await _download(link, "directories/", partial / fmt.FILES, query)
+            servers = await _registered_servers(link)
         finally:
             if clients:
                 with contextlib.suppress(IpyboxError, OSError, TimeoutError):
@@ -411,7 +430,19 @@ async def _capture(
         }
         for index, report in enumerate(reports)
     ]
-    return {"kernels": kernels}
+    return {"kernels": kernels, "mcp_servers": servers}
+
+
+async def _registered_servers(link: Link) -> list[str]:
+    """Names of the MCP servers registered in the sandbox itself (a ToolHost's are the host's to offer)."""
+    action = "listing the sandbox's MCP servers"
+    async with transfer(link, action):
+        async with link.session.get("/tools/servers") as response:
+            if response.status == 404:  # an image without the tool service
+                return []
+            await raise_for_response(response, action)
+            servers = (await response.json()).get("servers", {})
+    return sorted(name for name, info in servers.items() if info.get("where") == "sandbox")
 
 
 async def _download(link: Link, path: str, dest: Path, query: list[tuple[str, str]] | None = None) -> None:
@@ -457,7 +488,9 @@ def _restore_options(snap: Snapshot, options: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-async def _restore_fresh(snap: Snapshot, n: int, timeout: float, options: dict[str, Any]) -> list[Sandbox]:
+async def _restore_fresh(
+    snap: Snapshot, n: int, timeout: float, options: dict[str, Any], servers: dict[str, dict[str, Any]]
+) -> list[Sandbox]:
     opts = _restore_options(snap, options)
     firewall = opts.pop("firewall", None)
     verifying = asyncio.ensure_future(asyncio.to_thread(fmt.verify_files, snap.path, snap._manifest))
@@ -467,7 +500,7 @@ async def _restore_fresh(snap: Snapshot, n: int, timeout: float, options: dict[s
         await verifying
         for task in starting:
             sandboxes.append(await task)
-        await asyncio.gather(*(_load_into(s, snap, timeout, "tag" in options) for s in sandboxes))
+        await asyncio.gather(*(_load_into(s, snap, timeout, "tag" in options, servers) for s in sandboxes))
     except BaseException:
         verifying.cancel()
         for task in starting:
@@ -497,8 +530,15 @@ async def _add_clients(sandbox: Sandbox, kernels: int) -> None:
         sandbox._extra_clients.append(client)
 
 
-async def _load_into(sandbox: Sandbox, snap: Snapshot, timeout: float, any_image: bool = False) -> None:
-    """Put the snapshot into a running sandbox: `/app`'s files, then each kernel's namespace.
+async def _load_into(
+    sandbox: Sandbox,
+    snap: Snapshot,
+    timeout: float,
+    any_image: bool = False,
+    servers: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Put the snapshot into a running sandbox: `/app`'s files, the MCP `servers`' registrations, then
+    each kernel's namespace.
 
     Every file is hashed while it is uploaded and checked before any namespace is loaded. Used by
     `restore`, `fork` and `SandboxPool.restore`/`fork`, which verified the snapshot already.
@@ -530,6 +570,14 @@ async def _load_into(sandbox: Sandbox, snap: Snapshot, timeout: float, any_image
             await _upload(link, file, target, content_type)
         for file, _, _ in uploads:
             file.check()  # nothing is loaded unless every byte sent is the snapshot's
+        await _register_servers(link, servers or {})
+    missing = sorted(set(snap.mcp_servers) - set(servers or {}))
+    if missing:
+        logger.warning(
+            "the snapshot's sandbox had the MCP servers %s registered; their params are not in a snapshot, so "
+            "their packages' calls fail until they are registered again: restore(..., mcp_servers={name: params})",
+            ", ".join(missing),
+        )
     async with asyncio.timeout(timeout):
         await asyncio.gather(
             *(
@@ -550,6 +598,23 @@ async def _load_into(sandbox: Sandbox, snap: Snapshot, timeout: float, any_image
                 )
             )
         )
+
+
+def _checked_servers(mcp_servers: Mapping[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """The restore's `mcp_servers`, each checked as `generate_mcp_sources` checks params: before any start."""
+    if mcp_servers is None:
+        return {}
+    if not isinstance(mcp_servers, Mapping):
+        raise TypeError("mcp_servers must be a mapping of server name to server params")
+    return {str(name): check_server_params(params, f"mcp_servers[{name!r}]") for name, params in mcp_servers.items()}
+
+
+async def _register_servers(link: Link, servers: dict[str, dict[str, Any]]) -> None:
+    for name, params in servers.items():
+        action = f"registering the MCP server {name!r}"
+        async with transfer(link, action):
+            async with link.session.put(f"/tools/servers/{quote(name, safe='')}", json=params) as response:
+                await raise_for_response(response, action)
 
 
 async def _upload(link: Link, file: fmt.HashedFile, target: str, content_type: str) -> None:

@@ -352,3 +352,59 @@ async def test_archive_query_options_are_checked(make_container: ContainerFactor
         params = [("exclude", "../x"), ("exclude", "/abs"), ("exclude", "")]
         async with link.session.get("/directories/", params=params) as response:
             assert response.status == 200  # names no member has leave nothing out
+
+
+TINY_SERVER = """
+from mcp.server.fastmcp import FastMCP
+
+server = FastMCP("tiny")
+
+
+@server.tool()
+def greet(name: str) -> str:
+    return "hello " + name
+
+
+server.run("stdio")
+"""
+TINY_PARAMS = {"command": "python", "args": ["/app/tiny_server.py"]}
+GREET = "from tools.tiny.greet import greet, Params\nprint(greet(Params(name='fork')))"
+
+
+async def test_mcp_registrations_are_named_and_restored_from_the_params_given(
+    image: str, make_container: ContainerFactory, work: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a restored sandbox's generated packages failed ("no MCP server 'tiny' is registered") and
+    nothing said so; params are still never stored (they may hold secrets)."""
+    from ipybox import InvalidServerParamsError, ResourceClient
+
+    container = await make_container()
+    async with ExecutionClient(port=container.executor_port) as client:
+        await client.execute(f"open('/app/tiny_server.py', 'w').write({TINY_SERVER!r})")
+        async with ResourceClient(port=container.resource_port) as resources:
+            await resources.generate_mcp_sources("tools", "tiny", TINY_PARAMS)
+        assert (await client.execute(GREET, timeout=120)).text == "hello fork"
+        snap = await snapshot(container, work / "s", clients=[client])
+    assert snap.mcp_servers == ["tiny"]
+    assert "tiny_server.py" not in json.dumps(snap._manifest)  # no params in the manifest
+
+    before = set(await _containers())
+    with pytest.raises(InvalidServerParamsError, match=r"mcp_servers\['tiny'\]"):
+        await restore(snap, labels=session_labels(), mcp_servers={"tiny": {"command": ""}})
+    assert set(await _containers()) == before  # refused before anything started
+
+    with caplog.at_level("WARNING", logger="ipybox.snapshot"):
+        async with await restore(snap, labels=session_labels()) as bare:
+            failed = await bare.client.execute(
+                GREET.replace("print(", "try:\n    print(") + "\nexcept Exception as e:\n    print(type(e).__name__, e)"
+            )
+    assert "ToolServerError tiny.greet: no MCP server 'tiny' is registered" in (failed.text or "")
+    assert "restore(..., mcp_servers=" in (failed.text or "")
+    assert "mcp_servers" in caplog.text and "tiny" in caplog.text
+
+    async with await restore(snap, labels=session_labels(), mcp_servers={"tiny": TINY_PARAMS}) as restored:
+        assert (await restored.client.execute(GREET, timeout=120)).text == "hello fork"
+
+    async with SandboxPool(1, tag=image, labels=session_labels()) as pool:
+        async with await pool.restore(snap, mcp_servers={"tiny": TINY_PARAMS}) as pooled:
+            assert (await pooled.client.execute(GREET, timeout=120)).text == "hello fork"

@@ -462,7 +462,8 @@ async def call(request: web.Request) -> web.Response:
         if server not in _servers and not tool_hosts.serves(server):
             raise CallFailed(
                 f"no MCP server {server!r} is registered in this sandbox; generate its package with "
-                "ResourceClient.generate_mcp_sources (or register it with PUT /tools/servers/{name})",
+                "ResourceClient.generate_mcp_sources (or register it with PUT /tools/servers/{name}); a sandbox "
+                "restored from a snapshot gets its servers from restore(..., mcp_servers={name: params})",
                 "unknown_server",
             )
         try:
