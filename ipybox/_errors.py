@@ -92,13 +92,16 @@ class ImageError(IpyboxError):
 class ImageNotFoundError(ImageError):
     """The image is neither local nor pullable."""
 
-    def __init__(self, tag: str, reason: str = "") -> None:
+    def __init__(self, tag: str, reason: str = "", *, message: str | None = None, option: str | None = None) -> None:
+        """`message`/`option` replace the local engine's advice (build it here) where that cannot help,
+        e.g. a swarm whose nodes pull from a registry."""
         self.tag = tag
         detail = f" ({reason})" if reason else ""
         super().__init__(
-            f"Image {tag!r} is not available locally and could not be pulled{detail}. "
+            message
+            or f"Image {tag!r} is not available locally and could not be pulled{detail}. "
             f"Build it with: ipybox build -t {tag}",
-            option=f"ipybox build -t {tag}",
+            option=option or f"ipybox build -t {tag}",
         )
 
 

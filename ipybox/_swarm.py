@@ -38,7 +38,6 @@ from ipybox._errors import (
     ContainerError,
     ContainerStartError,
     DockerUnavailableError,
-    ImageError,
     ImageNotFoundError,
     IpyboxError,
 )
@@ -498,10 +497,9 @@ class Swarm(Backend):
 def _image_not_found(tag: str, message: str) -> ImageNotFoundError:
     """An `ImageNotFoundError` with a swarm's message: its own says to build the image locally, which
     does not help nodes that pull it from a registry."""
-    error = ImageNotFoundError.__new__(ImageNotFoundError)
-    ImageError.__init__(error, message, option="docker push to a registry the nodes can reach; tag=<that name>")
-    error.tag = tag
-    return error
+    return ImageNotFoundError(
+        tag, message=message, option="docker push to a registry the nodes can reach; tag=<that name>"
+    )
 
 
 async def _check_no_new_privileges(container: Any, where: str) -> None:

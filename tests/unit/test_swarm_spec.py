@@ -206,3 +206,15 @@ async def test_a_task_still_preparing_at_the_timeout_names_the_image_pull() -> N
     with pytest.raises(ContainerStartError, match="still pulling the image") as info:
         await Swarm(MANAGER)._running_task(manager, SwarmPlacement("id1", "ipybox-abc"), 0)
     assert "startup_timeout=0" in str(info.value) and "ipybox-abc" in str(info.value)
+
+
+def test_a_missing_image_on_a_swarm_names_the_registry_not_a_local_build() -> None:
+    from ipybox import ImageNotFoundError
+    from ipybox._swarm import _image_not_found
+
+    error = _image_not_found("reg:5000/ipybox", "node2 could not get image 'reg:5000/ipybox'")
+    assert isinstance(error, ImageNotFoundError) and error.tag == "reg:5000/ipybox"
+    assert str(error).startswith("node2 could not get image") and "ipybox build" not in str(error)
+    assert error.option is not None and "registry" in error.option
+    local = ImageNotFoundError("x/y", "not found")
+    assert "ipybox build -t x/y" in str(local) and local.option == "ipybox build -t x/y"
