@@ -38,9 +38,12 @@ class Sandbox:
         client: The connected execution client (`execute`, `submit`).
     """
 
-    def __init__(self, container: ExecutionContainer, client: ExecutionClient) -> None:
+    def __init__(
+        self, container: ExecutionContainer, client: ExecutionClient, client_options: dict[str, Any] | None = None
+    ) -> None:
         self.container = container
         self.client = client
+        self._client_options = dict(client_options or {})  # for further clients (a restore's kernels)
         self._extra_clients: list[ExecutionClient] = []  # a restore's kernels past the first
         self._closed = False
         self._on_close: list[Any] = []
@@ -138,6 +141,10 @@ class SandboxPool:
             or CIDR ranges that `ExecutionContainer.init_firewall` applies before a sandbox is
             handed out (an empty list allows only the essential services).
         max_starting: How many containers the pool starts at the same time.
+        client_options: Options for each sandbox's `ExecutionClient` (`approvals`, `approval_timeout`,
+            `max_output_bytes`, `max_history`, `heartbeat_interval`), applied when the spare connects:
+            a pool with `{"approvals": AllowList([...])}` hands out sandboxes whose tool calls and shell
+            escapes already wait for that policy. Not `port`, `host`, `token` or `kernel_id`.
         **container_options: Options for every `ExecutionContainer` (tag, binds, env, limits,
             labels, network, ...), as `ExecutionContainer` accepts them. Fixed `executor_port` and
             `resource_port` are refused: the pool's containers would collide on them; so is
@@ -163,6 +170,7 @@ class SandboxPool:
         *,
         firewall: list[str] | None = None,
         max_starting: int = 2,
+        client_options: dict[str, Any] | None = None,
         **container_options: Any,
     ) -> None:
         if size < 1:
@@ -180,8 +188,16 @@ class SandboxPool:
                 f"workspace={container_options['workspace']!r} cannot be used with a pool: a workspace is mounted "
                 "by one running sandbox at a time; use ExecutionContainer(workspace=...)"
             )
-        # Fail on bad options now, not in a background start (the constructor does no I/O).
+        # Fail on bad options now, not in a background start (the constructors do no I/O).
         ExecutionContainer(**container_options)
+        client_options = dict(client_options or {})
+        fixed = sorted(set(client_options) & {"port", "host", "token", "kernel_id"})
+        if fixed:
+            raise ValueError(
+                f"client_options cannot set {', '.join(fixed)}: each sandbox's client gets its own container's "
+                "port, host and secret, and a new kernel"
+            )
+        ExecutionClient(1, **client_options)
         if firewall is not None:
             from ipybox._firewall import parse_entries
 
@@ -189,6 +205,7 @@ class SandboxPool:
         self.size = size
         self.firewall = None if firewall is None else list(firewall)
         self.max_starting = max_starting
+        self.client_options = client_options
         self.container_options = dict(container_options)
         # Spares start without it (their timer would run while they wait) and get it at hand-out.
         self._idle_timeout: float | None = self.container_options.pop("idle_timeout", None)
@@ -468,13 +485,23 @@ class SandboxPool:
         await self._announce()
 
     async def _new_sandbox(self) -> Sandbox:
-        return await start_sandbox(self.container_options, self.firewall, arms_later=self._idle_timeout is not None)
+        return await start_sandbox(
+            self.container_options,
+            self.firewall,
+            arms_later=self._idle_timeout is not None,
+            client_options=self.client_options,
+        )
 
 
 async def start_sandbox(
-    container_options: dict[str, Any], firewall: list[str] | None = None, *, arms_later: bool = False
+    container_options: dict[str, Any],
+    firewall: list[str] | None = None,
+    *,
+    arms_later: bool = False,
+    client_options: dict[str, Any] | None = None,
 ) -> Sandbox:
-    """Start one sandbox now: the container, its firewall (unless None), a connected, answering client.
+    """Start one sandbox now: the container, its firewall (unless None), a connected, answering client
+    (made with `client_options`).
 
     `arms_later`: created to end itself (AutoRemove), its idle timeout set later (a pool's hand-out).
     On failure everything started is removed; errors other than ipybox's are raised as IpyboxError.
@@ -486,7 +513,9 @@ async def start_sandbox(
         await container.run()
         if firewall is not None:
             await container.init_firewall(firewall)
-        client = ExecutionClient(port=container.executor_port, host=_client_host(container.host))
+        client = ExecutionClient(
+            port=container.executor_port, host=_client_host(container.host), **(client_options or {})
+        )
         await client.connect()
         # An empty cell: the kernel answers once, so the first real cell does not wait for it. IPython
         # does not count empty cells, so the caller's first cell is still [1].
@@ -501,7 +530,7 @@ async def start_sandbox(
         if isinstance(exc, Exception) and not isinstance(exc, IpyboxError):
             raise IpyboxError(f"starting a sandbox failed: {exc}") from exc
         raise
-    return Sandbox(container, client)
+    return Sandbox(container, client, client_options)
 
 
 def _connected(client: ExecutionClient) -> bool:

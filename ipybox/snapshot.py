@@ -525,7 +525,9 @@ async def _add_clients(sandbox: Sandbox, kernels: int) -> None:
     """Connect clients to the sandbox until it has one per kernel of the snapshot."""
     container = sandbox.container
     while len(sandbox.clients) < kernels:
-        client = ExecutionClient(port=container.executor_port, host=_client_host(container.host))
+        client = ExecutionClient(
+            port=container.executor_port, host=_client_host(container.host), **sandbox._client_options
+        )
         await client.connect()
         sandbox._extra_clients.append(client)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import aiodocker
 import pytest
@@ -228,3 +229,22 @@ async def test_a_dead_spare_is_replaced_without_an_acquire(image: str) -> None:
         await pool.wait_ready(timeout=READY_TIMEOUT)  # and replaced, with nobody acquiring
         assert pool.ready == 2
         assert dead.closed
+
+
+async def test_client_options_reach_every_pooled_client_approvals_included(image: str, tmp_path: Path) -> None:
+    # Before: a pool's clients were always made without approvals; a shell escape in a pooled sandbox
+    # ran at once whatever the application wanted.
+    from ipybox.approvals import AllowList
+
+    policy = AllowList(["shell.%%bash"])  # %%bash cells yes, !cmd no
+    async with _pool(image, 1, client_options={"approvals": policy, "max_output_bytes": 1000}) as pool:
+        async with pool.sandbox() as sandbox:
+            client = sandbox.client
+            assert client.approvals and client.max_output_bytes == 1000
+            assert (await client.execute("%%bash\necho allowed")).text == "allowed"
+            result = await client.execute("!echo refused", raise_on_error=False)
+            assert result.error is not None and result.error.name == "ShellEscapeDenied"
+            snap = await sandbox.snapshot(tmp_path / "s")
+        async with await pool.restore(snap) as restored:  # a restore's clients get them too
+            result = await restored.client.execute("!echo refused", raise_on_error=False)
+            assert result.error is not None and result.error.name == "ShellEscapeDenied"

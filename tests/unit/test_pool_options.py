@@ -65,3 +65,13 @@ async def test_start_twice_is_refused() -> None:
     await pool.close()
     with pytest.raises(InvalidStateError):
         await pool.start()
+
+
+def test_client_options_are_checked_at_once() -> None:
+    with pytest.raises(ValueError, match="client_options cannot set host, port"):
+        SandboxPool(1, client_options={"port": 1, "host": "x"})
+    with pytest.raises(TypeError, match="approvals must be True, False or a policy"):
+        SandboxPool(1, client_options={"approvals": "yes"})
+    with pytest.raises(TypeError, match="heartbeat"):
+        SandboxPool(1, client_options={"heartbeat": 5})
+    assert SandboxPool(1, client_options={"approvals": True}).client_options == {"approvals": True}
