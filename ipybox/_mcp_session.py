@@ -13,12 +13,13 @@ import shlex
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ipybox._errors import ImageNotFoundError, ResourceError
+from ipybox.approvals import AllowList
 from ipybox.executor import ExecutionClient, ExecutionResult
 from ipybox.pool import Sandbox as PooledSandbox
 from ipybox.pool import SandboxPool, start_sandbox
@@ -53,6 +54,9 @@ class SandboxOptions:
     """MCP servers run on the host (a ToolHost per sandbox), as packages `/app/mcptools/<name>/`."""
     owner_bound: bool = True
     """Sandboxes (pooled spares too) remove themselves when this process dies, SIGKILL included."""
+    allowed_calls: list[str] | None = None
+    """`AllowList` patterns ("server.tool", "server", "shell", "shell.system", ...): with them, approvals
+    are on and the code's MCP tool calls and shell escapes that match none are denied. None: all run."""
 
 
 class PathNotAllowedError(PermissionError):
@@ -171,7 +175,12 @@ class Sandbox:
         if self._build is not None:
             await asyncio.to_thread(self._build, options.tag)
         if options.pool:
-            self._pool = SandboxPool(options.pool, firewall=options.allowed_domains, **self._container_options())
+            self._pool = SandboxPool(
+                options.pool,
+                firewall=options.allowed_domains,
+                client_options=self._client_options(),
+                **self._container_options(),
+            )
             await self._pool.start()
         await self._switch_to(await self._new_sandbox())
 
@@ -189,11 +198,18 @@ class Sandbox:
             "owner_bound": options.owner_bound,
         }
 
+    def _client_options(self) -> dict[str, Any]:
+        if self.options.allowed_calls is None:
+            return {}
+        return {"approvals": AllowList(self.options.allowed_calls)}
+
     async def _new_sandbox(self) -> PooledSandbox:
         """A ready sandbox: from the pool when there is one, else a container started now."""
         if self._pool is not None:
             return await self._pool.acquire()
-        return await start_sandbox(self._container_options(), self.options.allowed_domains)
+        return await start_sandbox(
+            self._container_options(), self.options.allowed_domains, client_options=self._client_options()
+        )
 
     async def _switch_to(self, sandbox: PooledSandbox) -> None:
         """Make `sandbox` the one tool calls use (with its host-side tools); the previous one is removed."""
@@ -294,7 +310,7 @@ class Sandbox:
             if new_sandbox:
                 await self._switch_to(await self._new_sandbox())
                 return
-            fresh = ExecutionClient(port=client.port, host=client.host)
+            fresh = ExecutionClient(port=client.port, host=client.host, **self._client_options())
             await fresh.connect()
             self._client = fresh
             await client.disconnect()
@@ -444,14 +460,17 @@ def parse_tool_servers(specs: list[str], environ: dict[str, str] | None = None) 
     return servers
 
 
-def load_tool_config(path: Path) -> dict[str, dict[str, Any]]:
+def load_tool_config(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """The servers of an MCP client configuration file, `{"mcpServers": {name: {...}}}`, to run on the host.
 
     Entries take `command`, `args`, `env`, `cwd` (stdio) or `url`, `headers` and `type` (`http`,
     `streamable-http`, `sse`); other keys that clients keep there are ignored, and entries with
     `"disabled": true` are left out. Stdio servers get the environment MCP clients give (the MCP
-    SDK's default: PATH, HOME, ...) plus their `env`.
+    SDK's default: PATH, HOME, ...) plus their `env`. `${VAR}` and `${VAR:-default}` in those values
+    are taken from `environ` (default: this process's), as Claude Code expands `.mcp.json`, so that
+    tokens stay out of the file.
     """
+    environ = os.environ if environ is None else environ
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -466,7 +485,7 @@ def load_tool_config(path: Path) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{what}: expected an object with a command or a url")
         if entry.get("disabled") is True:
             continue
-        params = {key: entry[key] for key in _CONFIG_KEYS if key in entry}
+        params = {key: _expand(entry[key], environ, what) for key in _CONFIG_KEYS if key in entry}
         kind = entry.get("type")
         if kind is not None:
             if kind not in _CONFIG_TYPES:
@@ -474,6 +493,32 @@ def load_tool_config(path: Path) -> dict[str, dict[str, Any]]:
             params["type"] = _CONFIG_TYPES[kind]
         _add_server(servers, name, params, what)
     return servers
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, environ: Mapping[str, str], what: str) -> Any:
+    """`value` with `${VAR}` / `${VAR:-default}` replaced in every string inside it (not in keys)."""
+    if isinstance(value, str):
+
+        def variable(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            raise ValueError(
+                f"{what}: ${{{name}}} is not set in ipybox mcp's environment; set it (e.g. in the MCP client's "
+                f'"env" for ipybox), or give a default: ${{{name}:-value}}'
+            )
+
+        return _VARIABLE.sub(variable, value)
+    if isinstance(value, list):
+        return [_expand(item, environ, what) for item in value]
+    if isinstance(value, dict):
+        return {key: _expand(item, environ, what) for key, item in value.items()}
+    return value
 
 
 def _add_server(servers: dict[str, dict[str, Any]], name: str, params: dict[str, Any], what: str) -> None:

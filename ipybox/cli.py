@@ -387,6 +387,15 @@ def mcp(
             dir_okay=False,
         ),
     ] = None,
+    allow_call: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-call",
+            help="Turns approvals on: the code may make only the MCP tool calls and shell escapes that match "
+            "(server.tool or server, wildcards; shell, shell.system for !cmd, shell.%%bash); others raise "
+            "ToolDenied / ShellEscapeDenied in the cell (repeatable) [default: all run].",
+        ),
+    ] = None,
     owner_bound: OwnerBoundOption = True,
 ) -> None:
     """Serve the sandbox as an MCP server over stdio (for Claude Desktop, Claude Code, Cursor, ...)."""
@@ -421,6 +430,10 @@ def mcp(
             from ipybox._firewall import parse_entries
 
             parse_entries(allowed_domain)
+        if allow_call:
+            from ipybox.approvals import AllowList
+
+            AllowList(allow_call)  # a bad pattern is a usage error now, not a failed start later
         tool_servers = load_tool_config(tool_config) if tool_config else {}
         for name, params in parse_tool_servers(tool_server or []).items():
             if name in tool_servers:
@@ -440,6 +453,7 @@ def mcp(
             pool=pool,
             tool_servers=tool_servers,
             owner_bound=owner_bound,
+            allowed_calls=allow_call or None,
         )
     except (ValueError, OSError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)

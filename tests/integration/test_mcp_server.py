@@ -475,6 +475,7 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
         "--pool",
         "--tool-server",
         "--tool-config",
+        "--allow-call",
     ):
         assert option in done.stdout, option
 
@@ -498,6 +499,7 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
         ["--tool-server", "1st=python server.py"],
         ["--tool-server", "a=one", "--tool-server", "a=two"],
         ["--tool-config", "/does/not/exist.json"],
+        ["--allow-call", ".echo"],
     ],
     ids=lambda args: " ".join(args),
 )
@@ -598,6 +600,47 @@ async def test_tool_servers_run_on_the_host_and_cells_call_them(
             assert not result.is_error, text_of(result)
             text = await server.output("from mcptools.hostside import add\nprint(add.add(add.Params(a=20, b=22)))")
             assert text == "42"
+        await wait_containers_gone(server.case, timeout=15)
+    finally:
+        await force_remove(server.case)
+
+
+async def test_allow_call_denies_every_other_tool_call_and_shell_escape_in_every_sandbox(
+    image: str, tmp_path: Path
+) -> None:
+    # Before: `ipybox mcp` had no way to turn approvals on; every call the code made ran.
+    server = McpServer(
+        image,
+        "--tool-server",
+        f"repo={sys.executable} {TEST_SERVER}",
+        "--allow-call",
+        "repo.echo",
+        "--allow-call",
+        "shell.%%bash",
+        "--pool",
+        "1",
+        cwd=tmp_path,
+    )
+    calls = (
+        "from mcptools.repo import echo, get_weather\n"
+        "print(echo.echo(echo.Params(text='allowed')))\n"
+        "try:\n"
+        "    get_weather.get_weather(get_weather.Params(city='Graz'))\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__)\n"
+        "try:\n"
+        "    get_ipython().system('echo ran')\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    try:
+        async with server:
+            assert (await server.output(calls)).splitlines() == ["allowed", "ToolDenied", "ShellEscapeDenied"]
+            assert await server.output("%%bash\necho from bash") == "from bash"
+            for new_sandbox in (False, True):  # a fresh kernel, then a pooled sandbox: still only these
+                result = await server.call("reset", new_sandbox=new_sandbox)
+                assert not result.is_error, text_of(result)
+                assert (await server.output(calls)).splitlines() == ["allowed", "ToolDenied", "ShellEscapeDenied"]
         await wait_containers_gone(server.case, timeout=15)
     finally:
         await force_remove(server.case)

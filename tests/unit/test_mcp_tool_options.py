@@ -120,6 +120,32 @@ def test_bad_config_files_are_refused_naming_the_server(
         load_tool_config(write(tmp_path, config))
 
 
+def test_variables_in_the_config_are_expanded_from_the_environment(tmp_path: Path) -> None:
+    # Before: "${GITHUB_TOKEN}" reached the server literally (a 401 from GitHub at the first call).
+    path = write(
+        tmp_path,
+        {
+            "mcpServers": {
+                "github": {
+                    "command": "${NPX:-npx}",
+                    "args": ["-y", "${PKG}"],
+                    "env": {"GITHUB_PERSONAL_ACCESS_TOKEN": "${GITHUB_TOKEN}", "PLAIN": "$HOME and ${"},
+                },
+                "remote": {"url": "http://${MCP_HOST}:8000/mcp", "headers": {"Authorization": "Bearer ${TOKEN:-}"}},
+            }
+        },
+    )
+    environ = {"PKG": "@modelcontextprotocol/server-github", "GITHUB_TOKEN": "ghp_y", "MCP_HOST": "10.0.0.7"}
+    servers = load_tool_config(path, environ)
+    assert servers["github"]["command"] == "npx"
+    assert servers["github"]["args"] == ["-y", "@modelcontextprotocol/server-github"]
+    assert servers["github"]["env"] == {"GITHUB_PERSONAL_ACCESS_TOKEN": "ghp_y", "PLAIN": "$HOME and ${"}
+    assert servers["remote"]["url"] == "http://10.0.0.7:8000/mcp"
+    assert servers["remote"]["headers"] == {"Authorization": "Bearer "}
+    with pytest.raises(ValueError, match=r"server 'github': \$\{GITHUB_TOKEN\} is not set.*\$\{GITHUB_TOKEN:-value\}"):
+        load_tool_config(path, {"PKG": "x", "MCP_HOST": "h"})
+
+
 def test_the_execute_description_names_the_host_side_servers() -> None:
     assert tools_description([]) == ""
     text = tools_description(["github", "files"])
