@@ -42,7 +42,7 @@ from ipybox._errors import (
     IpyboxError,
 )
 from ipybox._labels import CONTAINER_LABEL, EXECUTOR_PORT, RESOURCE_PORT
-from ipybox.backends import Backend
+from ipybox.backends import Backend, Located
 
 if TYPE_CHECKING:
     from ipybox.container import ExecutionContainer
@@ -393,6 +393,64 @@ class Swarm(Backend):
 
     def _engine(self, url: str) -> aiodocker.Docker:
         return aiodocker.Docker(url=url, ssl_context=self.tls) if self.tls is not None else aiodocker.Docker(url=url)
+
+    # -- attach -------------------------------------------------------------------------------------
+
+    async def locate(self, id_or_name: str) -> Located:
+        """The sandbox whose service is `id_or_name` (name or id), or whose running task's container id
+        starts with it: found through the manager, reached through its node's engine."""
+        manager = self._engine(self.manager)
+        try:
+            task = await self._task_of(manager, id_or_name)
+            with _swarm_errors("looking up the sandbox's service", self.manager):
+                service = await manager.services.inspect(str(task["ServiceID"]))
+            node = await self._node(manager, str(task["NodeID"]))
+        finally:
+            await manager.close()
+        placement = SwarmPlacement(str(service["ID"]), str(service["Spec"]["Name"]))
+        placement.node_id = str(node["ID"])
+        placement.node_name = str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
+        placement.node_address = self._node_address(node)
+        container_id = str(task["Status"]["ContainerStatus"]["ContainerID"])
+        engine_url = self._node_engine_url(node)
+        docker = self._engine(engine_url)
+        try:
+            where = f"{placement.describe()} at {engine_url}"
+            with _swarm_errors(f"reaching the engine of {where}", engine_url, container_id):
+                container = await docker.containers.get(container_id)
+                info = await container.show()
+        except BaseException:
+            await docker.close()
+            raise
+        return Located(docker, container, info, placement.node_address, placement)
+
+    async def _task_of(self, manager: aiodocker.Docker, id_or_name: str) -> Any:
+        """The running task of the sandbox service `id_or_name`, or the one whose container id starts with it."""
+        with _swarm_errors("listing the swarm's sandbox tasks", self.manager):
+            services = {
+                str(s["ID"]): str(s["Spec"]["Name"])
+                for s in await manager.services.list(filters={"label": [CONTAINER_LABEL]})
+            }
+            tasks = await manager.tasks.list(filters={"desired-state": "running"})
+        running = [
+            t
+            for t in tasks
+            if str(t.get("ServiceID")) in services
+            and (t.get("Status") or {}).get("State") == "running"
+            and ((t.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
+        ]
+        by_service = [t for t in running if id_or_name in (t["ServiceID"], services[str(t["ServiceID"])])]
+        by_container = [t for t in running if t["Status"]["ContainerStatus"]["ContainerID"].startswith(id_or_name)]
+        matches = by_service or (by_container if len(id_or_name) >= 4 else [])
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ContainerError(f"{id_or_name!r} names {len(matches)} sandboxes on the swarm: give more of the id")
+        raise ContainerError(
+            f"no running ipybox sandbox {id_or_name!r} on the swarm at {self.manager} (a service name or id, or "
+            "its task's container id)",
+            status=404,
+        )
 
     # -- clean-up across the swarm -----------------------------------------------------------------
 

@@ -16,12 +16,28 @@ docs/architecture.md ("Backends") says how a Kubernetes backend maps onto the sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import aiodocker
+import aiodocker
 
+from ipybox._docker import connect, docker_errors
+from ipybox._errors import ContainerError
+from ipybox._labels import EXECUTOR_PORT
+
+if TYPE_CHECKING:
     from ipybox.container import ExecutionContainer
+
+
+@dataclass
+class Located:
+    """A running sandbox that `Backend.locate` found: what `ExecutionContainer.attach` needs of it."""
+
+    docker: aiodocker.Docker  # a client of the engine that runs it (the caller closes it)
+    container: Any  # that engine's container object
+    info: dict[str, Any]  # the container's inspection
+    host: str  # where its published ports are reached
+    placement: Any = None  # what else the backend made for it (a swarm service), as `start` records it
 
 
 class Backend:
@@ -56,6 +72,14 @@ class Backend:
         """Where the sandbox runs, for error messages ("" for the local engine)."""
         return ""
 
+    async def locate(self, id_or_name: str) -> Located:
+        """The running sandbox `id_or_name` (container id or a unique prefix, or name) for `attach`.
+
+        Raises:
+            ContainerError: Nothing of that id or name (status 404).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot attach to sandboxes")
+
     def protected_ports(self) -> list[int]:
         """Ports of the control plane that no sandbox may reach on any address (its isolation and
         firewall rules refuse them first): a swarm's engine and cluster ports. None locally, where the
@@ -76,6 +100,24 @@ class LocalEngine(Backend):
 
         await _remove(container, docker)
 
+    async def locate(self, id_or_name: str) -> Located:
+        docker = connect()
+        try:
+            with docker_errors(f"looking up sandbox {id_or_name!r}"):
+                try:
+                    container = await docker.containers.get(id_or_name)
+                except aiodocker.DockerError as exc:
+                    if exc.status == 404:
+                        raise ContainerError(f"no container {id_or_name!r} on this engine", status=404) from exc
+                    raise
+                info = await container.show()
+        except BaseException:
+            await docker.close()
+            raise
+        ports = (info.get("NetworkSettings") or {}).get("Ports") or {}
+        bindings = ports.get(f"{EXECUTOR_PORT}/tcp") or [{}]
+        return Located(docker, container, info, str(bindings[0].get("HostIp") or "127.0.0.1"))
+
     def __repr__(self) -> str:
         return "LocalEngine()"
 
@@ -83,4 +125,4 @@ class LocalEngine(Backend):
 # Defined in its own module (it needs Backend, above); offered here, where backends are chosen.
 from ipybox._swarm import Swarm  # noqa: E402
 
-__all__ = ["Backend", "LocalEngine", "Swarm"]
+__all__ = ["Backend", "LocalEngine", "Located", "Swarm"]

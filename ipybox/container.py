@@ -517,14 +517,16 @@ class ExecutionContainer:
         return [str(kernel["id"]) for kernel in kernels if "id" in kernel]
 
     @classmethod
-    async def attach(cls, id_or_name: str) -> ExecutionContainer:
-        """An `ExecutionContainer` for a sandbox already running on this engine, started by this user.
+    async def attach(cls, id_or_name: str, *, backend: Backend | None = None) -> ExecutionContainer:
+        """An `ExecutionContainer` for a sandbox already running on this engine (or `backend`), started
+        by this user.
 
         Finds the container by id (or a unique prefix of it) or name, its published ports, its secret
         (the user-only record its starter left: only the user who started a sandbox can attach) and
         the direct routes, as the starting process has them. Clients then connect as usual:
-        `ExecutionClient(port=c.executor_port)` for a new kernel, `kernel_id=` for one of
-        `await c.kernel_ids()`.
+        `ExecutionClient(port=c.executor_port, host=c.host)` for a new kernel, `kernel_id=` for one of
+        `await c.kernel_ids()`. On a swarm (`backend=Swarm(...)`), `id_or_name` is the task's container
+        id (`container_id`) or a prefix of it, or the sandbox's service name or id.
 
         The returned object owns the sandbox like the one that started it: `kill()` (and leaving
         `async with`) removes it. Call `detach()` instead to let go of it and leave it running.
@@ -534,16 +536,10 @@ class ExecutionContainer:
                 for it (started by another user, or on another machine).
             DockerUnavailableError: No Docker engine answers.
         """
-        docker = connect()
+        backend = LocalEngine() if backend is None else backend
+        found = await backend.locate(id_or_name)
+        docker, container, info = found.docker, found.container, found.info
         try:
-            with docker_errors(f"looking up sandbox {id_or_name!r}"):
-                try:
-                    container = await docker.containers.get(id_or_name)
-                except aiodocker.DockerError as exc:
-                    if exc.status == 404:
-                        raise ContainerError(f"no container {id_or_name!r} on this engine", status=404) from exc
-                    raise
-                info = await container.show()
             labels = (info.get("Config") or {}).get("Labels") or {}
             container_id = str(info["Id"])
             if CONTAINER_LABEL not in labels or HELPER_LABEL in labels:
@@ -560,11 +556,11 @@ class ExecutionContainer:
                     "who started a sandbox, on this machine, can attach to it",
                     container_id=container_id,
                 )
-            ports = (info.get("NetworkSettings") or {}).get("Ports") or {}
-            bindings = ports.get(f"{EXECUTOR_PORT}/tcp") or [{}]
-            host = str(bindings[0].get("HostIp") or "127.0.0.1")
-            attached = cls(str((info.get("Config") or {}).get("Image") or DEFAULT_TAG), host=host, labels=labels)
+            host = found.host
+            image = str((info.get("Config") or {}).get("Image") or DEFAULT_TAG)
+            attached = cls(image, host=host, labels=labels, backend=backend)
             attached._docker, attached._container = docker, container
+            attached._placement = found.placement
             attached._image_id = str(info.get("Image") or "") or None
             attached._state = _State.RUNNING
             attached._paused = bool(state.get("Paused"))
@@ -580,6 +576,8 @@ class ExecutionContainer:
                     continue  # this process started it: its records stay the starter's
                 _tokens.register(host, port, token, container_id, attached._pid, attached._server)
                 attached._registered.append(port)
+                if place := backend.describe(attached):
+                    _where.note(host, port, place)
             if labels.get(OWNER_LABEL):
                 attached.owner_bound = True
                 attached._lease = await _Lease.take(host, attached.resource_port, token)

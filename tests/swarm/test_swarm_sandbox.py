@@ -482,3 +482,62 @@ async def test_snapshot_restore_and_fork_onto_the_swarm(
     # Closing them removed their services: only the source's is left.
     services = swarm_lab.docker("service", "ls", "-q", "--filter", f"label={LABEL}={marker}")
     assert [placement(source).service_id.startswith(s) for s in services.split()] == [True]
+
+
+# -- 12. attach from another process, by service name or container id ---------------------------------------
+
+ATTACH_CHILD = """
+import asyncio, json, sys
+from ipybox import ExecutionClient, ExecutionContainer, Swarm
+
+async def main():
+    manager, engines, name, kernel_id = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+    container = await ExecutionContainer.attach(name, backend=Swarm(manager, engines))
+    try:
+        assert kernel_id in await container.kernel_ids()
+        async with ExecutionClient(port=container.executor_port, host=container.host, kernel_id=kernel_id) as client:
+            print((await client.execute("x += 1; print(x)")).text, container.container_id)
+            await client.disconnect(shutdown=False)
+    finally:
+        await container.detach()
+
+asyncio.run(main())
+"""
+
+
+async def test_attach_from_another_process_then_kill_removes_the_service(
+    make_sandbox: SandboxFactory, swarm_backend: Swarm, swarm_lab: SwarmLab, marker: str
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from ipybox import ContainerError
+
+    container = await make_sandbox()
+    made = placement(container)
+    client = ExecutionClient(port=container.executor_port, host=container.host)
+    await client.connect()
+    await client.execute("x = 41")
+    kernel_id = client.kernel_id or ""
+    await client.disconnect(shutdown=False)
+
+    argv = [sys.executable, "-c", ATTACH_CHILD, swarm_lab.manager_url, json.dumps(swarm_lab.engine_urls)]
+    done = await asyncio.to_thread(
+        subprocess.run, [*argv, made.name, kernel_id], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["42", container.container_id]
+
+    # This process, by a prefix of the task's container id: the node is named in its errors, and
+    # kill() removes the service as the starter's would.
+    attached = await ExecutionContainer.attach((container.container_id or "")[:12], backend=swarm_backend)
+    assert attached.host == container.host and attached.executor_port == container.executor_port
+    assert placement(attached).node_name == made.node_name
+    async with ExecutionClient(port=attached.executor_port, host=attached.host, kernel_id=kernel_id) as again:
+        assert (await again.execute("print(x)")).text == "42"
+    await attached.kill()
+    services = swarm_lab.docker("service", "ls", "-q", "--filter", f"label={LABEL}={marker}")
+    assert services.split() == []
+    with pytest.raises(ContainerError, match="no running ipybox sandbox"):
+        await ExecutionContainer.attach(made.name, backend=swarm_backend)
