@@ -9,16 +9,21 @@ frozen gateway answers nothing).
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipybox import _tokens
 from ipybox._docker import connect, docker_errors
 from ipybox._errors import IpyboxError
 from ipybox._labels import CONTAINER_LABEL, EXECUTOR_PORT, HELPER_LABEL, RESOURCE_PORT
 
+if TYPE_CHECKING:
+    from ipybox._swarm import Swarm
+
+logger = logging.getLogger(__name__)
 _PROC = Path("/proc")
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -38,6 +43,8 @@ class SandboxInfo:
     executor_port: int | None
     resource_port: int | None
     attachable: bool  # this user holds its secret
+    node: str = ""  # the swarm node it runs on ("" on this engine)
+    host: str = ""  # where its published ports are reached ("" : this machine)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +113,9 @@ async def _kernels(host: str, port: int, token: str, now: datetime) -> tuple[int
     return len(kernels), (0.0 if busy else min(known) if known else None)
 
 
-async def _row(container: Any, now: datetime) -> SandboxInfo | None:
+async def _row(container: Any, now: datetime, node: str = "", node_address: str = "") -> SandboxInfo | None:
+    """The row of one container; `node`/`node_address`: a swarm node's, whose published ports are reached
+    at `node_address`."""
     info = await container.show()
     labels = (info.get("Config") or {}).get("Labels") or {}
     if HELPER_LABEL in labels:
@@ -120,7 +129,7 @@ async def _row(container: Any, now: datetime) -> SandboxInfo | None:
     kernels: int | None = None
     idle: float | None = None
     if token is not None and executor is not None and status == "running":
-        host = executor[0] if executor[0] not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = node_address or (executor[0] if executor[0] not in ("0.0.0.0", "::") else "127.0.0.1")
         found = await _kernels(host, executor[1], token, now)
         if found is not None:
             kernels, idle = found
@@ -131,11 +140,15 @@ async def _row(container: Any, now: datetime) -> SandboxInfo | None:
         state=status,
         age=_since(state.get("StartedAt"), now) if state.get("Running") else None,
         idle=idle,
-        memory=cgroup_memory(pid) if pid else None,
+        # Only the pid of a container of this machine's engine names its process here: another engine's
+        # (remote, or a swarm node's) would read some other process's cgroup.
+        memory=cgroup_memory(pid) if pid and _tokens.container_runs(container_id, pid) else None,
         kernels=kernels,
         executor_port=executor[1] if executor else None,
         resource_port=resource[1] if resource else None,
         attachable=token is not None,
+        node=node,
+        host=node_address,
     )
 
 
@@ -151,6 +164,31 @@ async def list_sandboxes(all_states: bool = False) -> list[SandboxInfo]:
     finally:
         await docker.close()
     found = [row for row in rows if row is not None]
+    found.sort(key=lambda row: -(row.age or 0.0))
+    return found
+
+
+async def list_swarm_sandboxes(swarm: Swarm, all_states: bool = False) -> list[SandboxInfo]:
+    """The ipybox sandboxes of every node of `swarm` that is up, through each node's engine, oldest first."""
+    nodes = await swarm.ready_nodes()
+    now = datetime.now(UTC)
+
+    async def of_node(node: Any) -> list[SandboxInfo | None]:
+        hostname = str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
+        url = swarm._node_engine_url(node)
+        docker = swarm._engine(url)
+        try:
+            with docker_errors(f"listing sandboxes on node {hostname!r} at {url}"):
+                containers = await docker.containers.list(all=all_states, filters={"label": [CONTAINER_LABEL]})
+                return await asyncio.gather(*(_row(c, now, hostname, swarm._node_address(node)) for c in containers))
+        except IpyboxError as exc:  # one node's engine must not hide the others' sandboxes
+            logger.warning("%s", exc)
+            return []
+        finally:
+            await docker.close()
+
+    per_node = await asyncio.gather(*(of_node(node) for node in nodes))
+    found = [row for rows in per_node for row in rows if row is not None]
     found.sort(key=lambda row: -(row.age or 0.0))
     return found
 
@@ -178,7 +216,8 @@ def _size(size: int | None) -> str:
 
 def table(rows: list[SandboxInfo]) -> str:
     """`ipybox ps` as text: one line per sandbox under a header."""
-    header = ("ID", "NAME", "IMAGE", "AGE", "IDLE", "MEM", "STATE", "KERNELS")
+    on_nodes = any(row.node for row in rows)
+    header = ("ID", "NAME", "IMAGE", "AGE", "IDLE", "MEM", "STATE", "KERNELS") + (("NODE",) if on_nodes else ())
     lines = [header] + [
         (
             row.id[:12],
@@ -190,6 +229,7 @@ def table(rows: list[SandboxInfo]) -> str:
             row.state,
             "-" if row.kernels is None else str(row.kernels),
         )
+        + ((row.node,) if on_nodes else ())
         for row in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

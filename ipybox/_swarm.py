@@ -475,6 +475,18 @@ class Swarm(Backend):
             await manager.close()
         return removed
 
+    async def ready_nodes(self) -> list[Any]:
+        """The manager's records of the nodes that are up (`ready`)."""
+        manager = self._engine(self.manager)
+        try:
+            return await self._ready_nodes(manager)
+        finally:
+            await manager.close()
+
+    async def _ready_nodes(self, manager: aiodocker.Docker) -> list[Any]:
+        with _swarm_errors("listing the swarm's nodes", self.manager):
+            return [n for n in await manager.nodes.list() if (n.get("Status") or {}).get("State") == "ready"]
+
     async def sweep(self, selector: Sequence[str] = (), *, timeout: float = 10) -> list[tuple[str, str]]:
         """Remove the ipybox task containers (with all of `selector`'s labels too) whose service is gone,
         on every node that is up; returns `(node hostname, container id)` of each removed.
@@ -485,8 +497,7 @@ class Swarm(Backend):
         """
         manager = self._engine(self.manager)
         try:
-            with _swarm_errors("listing the swarm's nodes", self.manager):
-                nodes = [n for n in await manager.nodes.list() if (n.get("Status") or {}).get("State") == "ready"]
+            nodes = await self._ready_nodes(manager)
             # Containers first, services second: a container listed has its service created already, so a
             # sandbox starting meanwhile is never taken for a leftover.
             found = await asyncio.gather(*(self._task_containers(node, selector, timeout) for node in nodes))

@@ -111,6 +111,36 @@ def run(
             err.print(f"saved image {index} to {path}")
 
 
+SwarmOption = Annotated[
+    str | None,
+    typer.Option(
+        "--swarm",
+        metavar="MANAGER_URL",
+        help="A Docker Swarm instead of the local engine, by its manager's engine API (tcp://10.0.0.2:2375).",
+    ),
+]
+NodeEngineOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--node-engine",
+        metavar="NAME=URL",
+        help="With --swarm: the engine API of a node by hostname or node id (repeatable); "
+        "by default tcp://NODE_ADDRESS:2375.",
+    ),
+]
+
+
+def _node_engines(items: list[str] | None) -> dict[str, str]:
+    engines: dict[str, str] = {}
+    for item in items or []:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            err.print(f"[red]error:[/] --node-engine {item!r}: give NAME=URL (node2=tcp://10.0.0.4:2375)")
+            raise typer.Exit(2)
+        engines[name] = url
+    return engines
+
+
 @app.command()
 def cleanup(
     ancestor: Annotated[
@@ -133,15 +163,7 @@ def cleanup(
             "then the leftover task containers on every node that is up (tcp://10.0.0.2:2375).",
         ),
     ] = None,
-    node_engine: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--node-engine",
-            metavar="NAME=URL",
-            help="With --swarm: the engine API of a node by hostname or node id (repeatable); "
-            "by default tcp://NODE_ADDRESS:2375.",
-        ),
-    ] = None,
+    node_engine: NodeEngineOption = None,
     label: Annotated[
         list[str] | None,
         typer.Option(
@@ -170,13 +192,7 @@ def cleanup(
         raise typer.Exit(2)
     from ipybox._cleanup import clean_swarm
 
-    engines: dict[str, str] = {}
-    for item in node_engine or []:
-        name, sep, url = item.partition("=")
-        if not sep or not name or not url:
-            err.print(f"[red]error:[/] --node-engine {item!r}: give NAME=URL (node2=tcp://10.0.0.4:2375)")
-            raise typer.Exit(2)
-        engines[name] = url
+    engines = _node_engines(node_engine)
     try:
         services, containers = asyncio.run(clean_swarm(swarm, engines, list(label or [])))
     except (IpyboxError, ValueError) as exc:
@@ -193,19 +209,30 @@ def cleanup(
 def ps(
     all_states: Annotated[bool, typer.Option("-a", "--all", help="Show stopped sandboxes too.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array on stdout, for scripts.")] = False,
+    swarm: SwarmOption = None,
+    node_engine: NodeEngineOption = None,
 ) -> None:
-    """List ipybox sandboxes: id, name, image, age, idle time, memory, state, kernels.
+    """List ipybox sandboxes: id, name, image, age, idle time, memory, state, kernels (and node, on a swarm).
 
     Idle time and kernels are shown for running sandboxes this user started (their secret is needed
-    to ask the gateway); memory is read from the container's cgroup where this host can.
+    to ask the gateway); memory is read from the container's cgroup where this host can (not for a
+    swarm node's or another machine's containers).
     """
     import json
 
-    from ipybox._attach import list_sandboxes, table
+    from ipybox._attach import list_sandboxes, list_swarm_sandboxes, table
 
+    if swarm is None and node_engine:
+        err.print("[red]error:[/] --node-engine needs --swarm MANAGER_URL", highlight=False)
+        raise typer.Exit(2)
     try:
-        rows = asyncio.run(list_sandboxes(all_states))
-    except IpyboxError as exc:
+        if swarm is None:
+            rows = asyncio.run(list_sandboxes(all_states))
+        else:
+            from ipybox._swarm import Swarm
+
+            rows = asyncio.run(list_swarm_sandboxes(Swarm(swarm, _node_engines(node_engine)), all_states))
+    except (IpyboxError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:

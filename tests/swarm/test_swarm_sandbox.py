@@ -541,3 +541,26 @@ async def test_attach_from_another_process_then_kill_removes_the_service(
     assert services.split() == []
     with pytest.raises(ContainerError, match="no running ipybox sandbox"):
         await ExecutionContainer.attach(made.name, backend=swarm_backend)
+
+
+async def test_ps_swarm_lists_the_sandbox_on_its_node_with_its_kernels(
+    make_sandbox: SandboxFactory, swarm_lab: SwarmLab
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    container = await make_sandbox()
+    async with ExecutionClient(port=container.executor_port, host=container.host):
+        engines = [f"--node-engine={name}={url}" for name, url in swarm_lab.engine_urls.items()]
+        argv = [sys.executable, "-m", "ipybox", "ps", "--json", "--swarm", swarm_lab.manager_url, *engines]
+        done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {row["id"]: row for row in json.loads(done.stdout)}
+    row = rows[container.container_id or ""]
+    assert row["node"] == placement(container).node_name and row["host"] == container.host
+    assert row["executor_port"] == container.executor_port and row["state"] == "running"
+    assert row["kernels"] == 1 and row["attachable"] is True
+    assert row["memory"] is None  # a node's pid means nothing on this host: never read here
+    table = await asyncio.to_thread(subprocess.run, argv[:4] + argv[5:], capture_output=True, text=True, timeout=120)
+    assert "NODE" in table.stdout.splitlines()[0] and placement(container).node_name in table.stdout
