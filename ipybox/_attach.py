@@ -19,6 +19,7 @@ from ipybox import _tokens
 from ipybox._docker import connect, docker_errors
 from ipybox._errors import IpyboxError
 from ipybox._labels import CONTAINER_LABEL, EXECUTOR_PORT, HELPER_LABEL, RESOURCE_PORT
+from ipybox._swarm import _hostname
 
 if TYPE_CHECKING:
     from ipybox._swarm import Swarm
@@ -174,7 +175,7 @@ async def list_swarm_sandboxes(swarm: Swarm, all_states: bool = False) -> list[S
     now = datetime.now(UTC)
 
     async def of_node(node: Any) -> list[SandboxInfo | None]:
-        hostname = str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
+        hostname = _hostname(node)
         url = swarm._node_engine_url(node)
         docker = swarm._engine(url)
         try:

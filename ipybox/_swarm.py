@@ -168,9 +168,7 @@ class Swarm(Backend):
         finally:
             await manager.close()
         assert placement is not None
-        placement.node_id = str(node["ID"])
-        placement.node_name = str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
-        placement.node_address = self._node_address(node)
+        self._place(placement, node)
         container_id = str(task["Status"]["ContainerStatus"]["ContainerID"])
         engine_url = self._node_engine_url(node)
         docker = self._engine(engine_url)
@@ -376,6 +374,12 @@ class Swarm(Backend):
         with _swarm_errors("looking up the task's node", self.manager):
             return await manager.nodes.inspect(node_id=node_id)
 
+    def _place(self, placement: SwarmPlacement, node: Any) -> None:
+        """Record on `placement` the node its task runs on."""
+        placement.node_id = str(node["ID"])
+        placement.node_name = _hostname(node)
+        placement.node_address = self._node_address(node)
+
     def _node_address(self, node: Any) -> str:
         hostname = str((node.get("Description") or {}).get("Hostname") or "")
         for key in (hostname, str(node["ID"])):
@@ -408,9 +412,7 @@ class Swarm(Backend):
         finally:
             await manager.close()
         placement = SwarmPlacement(str(service["ID"]), str(service["Spec"]["Name"]))
-        placement.node_id = str(node["ID"])
-        placement.node_name = str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
-        placement.node_address = self._node_address(node)
+        self._place(placement, node)
         container_id = str(task["Status"]["ContainerStatus"]["ContainerID"])
         engine_url = self._node_engine_url(node)
         docker = self._engine(engine_url)
@@ -507,7 +509,7 @@ class Swarm(Backend):
             await manager.close()
         removed: list[tuple[str, str]] = []
         for node, (engine_url, containers) in zip(nodes, found, strict=True):
-            hostname = str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
+            hostname = _hostname(node)
             leftovers = [c for c in containers if (c["Labels"] or {}).get(_SERVICE_ID_LABEL) not in services]
             if not leftovers:
                 continue
@@ -586,6 +588,11 @@ async def _check_no_new_privileges(container: Any, where: str) -> None:
             "a swarm service cannot ask for it on this engine version",
             container_id=container.id,
         )
+
+
+def _hostname(node: Any) -> str:
+    """A node's name in messages: its hostname, else the start of its id."""
+    return str((node.get("Description") or {}).get("Hostname") or node["ID"][:12])
 
 
 class _swarm_errors:
