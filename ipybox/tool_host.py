@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import aiohttp
 
+from ipybox import _tokens
 from ipybox._errors import (
     AuthenticationError,
     InvalidStateError,
@@ -301,6 +302,7 @@ class ToolHost:
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         self._send_lock = asyncio.Lock()
+        self._sandbox: tuple[str, int] | None = None  # (container id, init pid) when this host can check it
 
     @property
     def servers(self) -> list[str]:
@@ -343,6 +345,7 @@ class ToolHost:
             await self._start_servers()
             self._resources = ResourceClient(self.port, self.host, token=self._token)
             await self._resources.connect()
+            self._sandbox = _tokens.recorded_container(self.host, self.port)
             self._ws = await self._open()
             self._reader = asyncio.create_task(self._read(), name="ipybox-tool-host-reader")
         except BaseException:
@@ -429,8 +432,18 @@ class ToolHost:
                 )
                 return
 
+    def _sandbox_gone(self) -> bool:
+        """Whether the sandbox's container has ended, as far as one procfs read tells (a local engine's)."""
+        if self._sandbox is None:
+            return False
+        container_id, pid = self._sandbox
+        return bool(pid) and not _tokens.container_runs(container_id, pid)
+
     async def _reconnect(self) -> bool:
         for _ in range(RECONNECT_TRIES):
+            if self._sandbox_gone():  # nothing will answer again: no tries, no logs of them
+                logger.info("ToolHost: the sandbox's container %s has ended", (self._sandbox or ("",))[0][:12])
+                return False
             await asyncio.sleep(RECONNECT_INTERVAL)
             try:
                 self._ws = await self._open()

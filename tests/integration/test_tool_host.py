@@ -474,3 +474,25 @@ async def test_a_host_served_name_cannot_be_generated_in_the_sandbox(
                 "elsewhere", "tiny", {"command": "python", "args": ["/app/tiny.py"]}
             ) == ["ping"]
         assert tools.connected
+
+
+async def test_a_tool_host_whose_container_ended_stops_reconnecting_at_once(
+    make_container: ContainerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: it tried 5 more times, a second apart, logging each failure, for a container that was gone.
+    import aiodocker
+
+    container = await make_container()
+    async with ToolHost(container.resource_port, {"mine": host_server()}) as tools:
+        assert tools.connected
+        with caplog.at_level("INFO", logger="ipybox.tool_host"):
+            docker = aiodocker.Docker()
+            try:
+                await (await docker.containers.get(container.container_id or "")).kill()
+            finally:
+                await docker.close()
+            assert tools._reader is not None
+            await asyncio.wait_for(asyncio.shield(tools._reader), 30)
+        assert not tools.connected
+    assert "has ended" in caplog.text
+    assert "reconnecting failed" not in caplog.text
