@@ -23,6 +23,7 @@ from ipybox._swarm import _hostname
 
 if TYPE_CHECKING:
     from ipybox._swarm import Swarm
+    from ipybox.backends import Backend
 
 logger = logging.getLogger(__name__)
 _PROC = Path("/proc")
@@ -239,11 +240,12 @@ def table(rows: list[SandboxInfo]) -> str:
     )
 
 
-async def set_paused(id_or_name: str, paused: bool) -> str:
-    """Pause or resume the sandbox `id_or_name` (`ipybox pause|resume`); its full id."""
+async def set_paused(id_or_name: str, paused: bool, backend: Backend | None = None) -> str:
+    """Pause or resume the sandbox `id_or_name` (`ipybox pause|resume`, on `backend`: default this
+    engine); its full id."""
     from ipybox.container import ExecutionContainer
 
-    container = await ExecutionContainer.attach(id_or_name)
+    container = await ExecutionContainer.attach(id_or_name, backend=backend)
     try:
         if paused:
             await container.pause()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from ipybox._errors import ExecutionError, ImageNotFoundError, IpyboxError
+
+if TYPE_CHECKING:
+    from ipybox._swarm import Swarm
 
 app = typer.Typer(
     name="ipybox",
@@ -130,6 +133,22 @@ NodeEngineOption = Annotated[
 ]
 
 
+def _swarm_backend(swarm: str | None, node_engine: list[str] | None) -> Swarm | None:
+    """The `Swarm` of `--swarm`/`--node-engine`, None for the local engine; usage errors exit 2."""
+    if swarm is None:
+        if node_engine:
+            err.print("[red]error:[/] --node-engine needs --swarm MANAGER_URL", highlight=False)
+            raise typer.Exit(2)
+        return None
+    from ipybox._swarm import Swarm
+
+    try:
+        return Swarm(swarm, _node_engines(node_engine))
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _node_engines(items: list[str] | None) -> dict[str, str]:
     engines: dict[str, str] = {}
     for item in items or []:
@@ -222,17 +241,13 @@ def ps(
 
     from ipybox._attach import list_sandboxes, list_swarm_sandboxes, table
 
-    if swarm is None and node_engine:
-        err.print("[red]error:[/] --node-engine needs --swarm MANAGER_URL", highlight=False)
-        raise typer.Exit(2)
+    backend = _swarm_backend(swarm, node_engine)
     try:
-        if swarm is None:
+        if backend is None:
             rows = asyncio.run(list_sandboxes(all_states))
         else:
-            from ipybox._swarm import Swarm
-
-            rows = asyncio.run(list_swarm_sandboxes(Swarm(swarm, _node_engines(node_engine)), all_states))
-    except (IpyboxError, ValueError) as exc:
+            rows = asyncio.run(list_swarm_sandboxes(backend, all_states))
+    except IpyboxError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
@@ -241,26 +256,31 @@ def ps(
         sys.stdout.write(table(rows) + "\n")
 
 
-SandboxArgument = Annotated[str, typer.Argument(help="Container id (or a unique prefix) or name of the sandbox.")]
+SandboxArgument = Annotated[
+    str,
+    typer.Argument(
+        help="Container id (or a unique prefix) or name of the sandbox; with --swarm also its service name or id."
+    ),
+]
 
 
 @app.command()
-def pause(sandbox: SandboxArgument) -> None:
+def pause(sandbox: SandboxArgument, swarm: SwarmOption = None, node_engine: NodeEngineOption = None) -> None:
     """Pause a sandbox: freeze its processes, keep its memory and kernels (`ipybox resume` thaws it)."""
-    _set_paused(sandbox, True)
+    _set_paused(sandbox, True, _swarm_backend(swarm, node_engine))
 
 
 @app.command()
-def resume(sandbox: SandboxArgument) -> None:
+def resume(sandbox: SandboxArgument, swarm: SwarmOption = None, node_engine: NodeEngineOption = None) -> None:
     """Resume a paused sandbox; its clients continue where they were."""
-    _set_paused(sandbox, False)
+    _set_paused(sandbox, False, _swarm_backend(swarm, node_engine))
 
 
-def _set_paused(sandbox: str, paused: bool) -> None:
+def _set_paused(sandbox: str, paused: bool, backend: Swarm | None) -> None:
     from ipybox._attach import set_paused
 
     try:
-        container_id = asyncio.run(set_paused(sandbox, paused))
+        container_id = asyncio.run(set_paused(sandbox, paused, backend))
     except IpyboxError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -279,13 +299,17 @@ DirectoryOption = Annotated[
 def snapshot_take(
     sandbox: SandboxArgument,
     path: Annotated[Path | None, typer.Option("--path", help="The new snapshot's directory (must not exist).")] = None,
+    swarm: SwarmOption = None,
+    node_engine: NodeEngineOption = None,
 ) -> None:
     """Snapshot a running sandbox this user started: its /app and every kernel's namespace. The sandbox
     keeps running; the snapshot's path goes to stdout, what could not be captured to stderr."""
     from ipybox.container import ExecutionContainer
 
+    backend = _swarm_backend(swarm, node_engine)
+
     async def take() -> Path:
-        container = await ExecutionContainer.attach(sandbox)
+        container = await ExecutionContainer.attach(sandbox, backend=backend)
         try:
             made = await container.snapshot(path)
         finally:

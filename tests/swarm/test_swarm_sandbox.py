@@ -564,3 +564,38 @@ async def test_ps_swarm_lists_the_sandbox_on_its_node_with_its_kernels(
     assert row["memory"] is None  # a node's pid means nothing on this host: never read here
     table = await asyncio.to_thread(subprocess.run, argv[:4] + argv[5:], capture_output=True, text=True, timeout=120)
     assert "NODE" in table.stdout.splitlines()[0] and placement(container).node_name in table.stdout
+
+
+async def test_pause_resume_and_snapshot_take_by_cli_on_the_swarm(
+    make_sandbox: SandboxFactory, swarm_lab: SwarmLab, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from ipybox import Snapshot
+
+    container = await make_sandbox()
+    node = placement(container).node_name
+    engines = [f"--node-engine={name}={url}" for name, url in swarm_lab.engine_urls.items()]
+    on_swarm = ["--swarm", swarm_lab.manager_url, *engines]
+
+    def ipybox(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ipybox", *args], capture_output=True, text=True, timeout=120)
+
+    state = ["inspect", "-f", "{{.State.Status}}", container.container_id or ""]
+    done = await asyncio.to_thread(ipybox, "pause", placement(container).name, *on_swarm)
+    assert done.returncode == 0, done.stderr
+    assert swarm_lab.docker(*state, node=node) == "paused"
+    done = await asyncio.to_thread(ipybox, "resume", (container.container_id or "")[:12], *on_swarm)
+    assert done.returncode == 0, done.stderr
+    assert swarm_lab.docker(*state, node=node) == "running"
+    async with ExecutionClient(port=container.executor_port, host=container.host) as client:
+        await client.execute("y = 7")
+        await client.disconnect(shutdown=False)  # the kernel stays, for the snapshot to find
+        target = tmp_path / "snap"
+        done = await asyncio.to_thread(
+            ipybox, "snapshot", "take", placement(container).name, "--path", str(target), *on_swarm
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(target)
+    assert "y" in Snapshot.load(target).kernels[0].captured
