@@ -42,13 +42,20 @@ def npm_registry_from(output: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
+NPM_GLOBAL_PREFIX = "/opt/ipybox/npm-global"
+"""Where `npm install -g` puts packages: owned by the sandbox user, its `bin` on PATH (Dockerfile)."""
+
+
 def render_npmrc(registry: str) -> str:
-    """The image's global npmrc (npm's prefix is /usr/local)."""
+    """The image's global npmrc, `/usr/local/etc/npmrc`: npm finds it from node's own prefix (/usr/local),
+    so the `prefix` set in it moves global installs without moving the file."""
     return "\n".join(
         [
             "; ipybox: the host's npm registry and the image's CA store. Written by `ipybox build`.",
             f"registry={registry}",
             f"cafile={CA_BUNDLE_IN_IMAGE}",
+            "; global installs (npm install -g) into a directory the sandbox user owns: no root needed",
+            f"prefix={NPM_GLOBAL_PREFIX}",
             "update-notifier=false",
             "fund=false",
             "audit=false",

@@ -34,6 +34,21 @@ async def test_pip_percent_pip_and_uv_install_from_a_cell(make_container: Contai
         assert (await fresh.execute("import einops; print(einops.__version__)")).text == "0.8.1"
 
 
+async def test_npm_install_global_from_a_cell_as_the_sandbox_user(make_container: ContainerFactory) -> None:
+    # Before: EACCES (npm's global prefix was /usr/local, root's), so `npm install -g` needed a derived image.
+    container = await make_container()
+    async with ExecutionClient(port=container.executor_port) as client:
+        await client.execute("!npm install -g --silent cowsay@1.6.0", timeout=PIP_TIMEOUT)
+        result = await client.execute(
+            "!id -u; command -v cowsay; cowsay -W 20 moo | sed -n 2p; npm config get registry; npm config get cafile"
+        )
+    uid, where, said, registry, cafile = (result.text or "").splitlines()[:5]
+    assert uid != "0" and where == "/opt/ipybox/npm-global/bin/cowsay"
+    assert said.strip() == "< moo >"
+    # The global npmrc (host registry, CA bundle) is still the one npm reads.
+    assert registry.startswith("http") and cafile == "/etc/ssl/certs/ca-certificates.crt"
+
+
 async def test_downgrades_and_planted_modules_leave_ipybox_working(
     make_container: ContainerFactory, tmp_path: Path
 ) -> None:

@@ -33,3 +33,4 @@ def test_render_npmrc() -> None:
     assert "registry=https://npm.example/" in lines
     assert "cafile=/etc/ssl/certs/ca-certificates.crt" in lines
     assert {"update-notifier=false", "fund=false", "audit=false"} <= set(lines)
+    assert "prefix=/opt/ipybox/npm-global" in lines  # npm install -g as the sandbox user
