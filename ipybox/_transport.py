@@ -155,6 +155,8 @@ class KernelTransport:
         for delay in RECONNECT_DELAYS:
             if delay:
                 await asyncio.sleep(delay)
+            if self.container_ended():
+                return "the sandbox's container has ended (killed, removed, or out of memory)"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -174,6 +176,14 @@ class KernelTransport:
             logger.info("re-opened the websocket of kernel %s after it broke", self.kernel_id)
             return ws
         return reason
+
+    def container_ended(self) -> bool:
+        """Whether the container serving host:port has ended, as one procfs read tells (a container of
+        this machine's engine that this user started; False when that cannot be known)."""
+        recorded = _tokens.recorded_container(self.host, self.port)
+        if recorded is None or not recorded[1]:
+            return False
+        return not _tokens.container_runs(*recorded)
 
     def frozen(self) -> bool:
         """Whether the sandbox is paused (ipybox._freezer)."""

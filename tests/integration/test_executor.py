@@ -209,3 +209,22 @@ async def test_heartbeat_detects_a_silent_server(make_container) -> None:  # typ
                 await asyncio.wait_for(execution.result(timeout=60), 20)
         finally:
             os.kill(server.pid, signal.SIGCONT)
+
+
+async def test_a_killed_container_fails_the_running_cell_saying_so(make_container) -> None:  # type: ignore[no-untyped-def]
+    # Before: three seconds of reconnect attempts, then "could not be re-opened (UnixClientConnectorError(...))".
+    import aiodocker
+
+    from ipybox import ExecutionOutcomeUnknownError
+
+    container = await make_container()
+    async with ExecutionClient(port=container.executor_port) as client:
+        execution = await client.submit("import time\ntime.sleep(60)")
+        await asyncio.sleep(0.5)
+        docker = aiodocker.Docker()
+        try:
+            await (await docker.containers.get(container.container_id)).kill()
+        finally:
+            await docker.close()
+        with pytest.raises(ExecutionOutcomeUnknownError, match="the sandbox's container has ended"):
+            await asyncio.wait_for(execution.result(timeout=60), 20)
