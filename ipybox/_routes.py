@@ -60,6 +60,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,9 @@ class _Server:
 
     def runs(self) -> bool:
         return self.process is not None and self.process.runs()
+
+    def container_runs(self) -> bool:
+        return _tokens.container_runs(self.container_id, self.init)
 
     def refusal(self, direct: bool) -> str | None:
         """Why nothing may be sent towards the server now, or None. `direct`: a route into the container."""
@@ -233,10 +237,31 @@ def published_connector(host: str, port: int, container_port: int) -> aiohttp.Ba
     return _ServerTCPConnector(server, direct=False)
 
 
-def _refused(message: str, tampering: bool = True) -> ConnectionRefusedError:
-    """The error that fails a route; logged as a WARNING when the sandbox tampered with the control plane."""
+def _refused(message: str, tampering: bool = True, still: Callable[[], bool] | None = None) -> ConnectionRefusedError:
+    """The error that fails a route; logged as a WARNING when the sandbox tampered with the control plane.
+
+    `still`: tampering only if this is still true a moment later (a container being killed loses its
+    server a few milliseconds before its init process: not tampering, only the end).
+    """
+    if tampering and still is not None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            logger.debug("%s; nothing was sent", message)
+
+            def confirm() -> None:
+                if still():
+                    logger.warning("%s; nothing was sent", message)
+
+            loop.call_later(_CONFIRM_DELAY, confirm)
+            return ConnectionRefusedError(errno.ECONNREFUSED, message)
     logger.log(logging.WARNING if tampering else logging.DEBUG, "%s; nothing was sent", message)
     return ConnectionRefusedError(errno.ECONNREFUSED, message)
+
+
+_CONFIRM_DELAY = 0.5  # s: a killed container's init is gone ~2 ms after its server (measured)
 
 
 _GONE = "the container is gone"
@@ -279,7 +304,7 @@ class _ServerSocketConnector(aiohttp.UnixConnector):
 
     async def _connect_to_server(self) -> socket.socket:
         if (reason := self._server.refusal(direct=True)) is not None:
-            raise _refused(f"unix socket {self.path}: {reason}", tampering=reason != _GONE)
+            raise _refused(f"unix socket {self.path}: {reason}", reason != _GONE, self._server.container_runs)
         fd = os.open(self.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             mode = os.fstat(fd).st_mode
@@ -302,7 +327,7 @@ class _ServerSocketConnector(aiohttp.UnixConnector):
                         "a process in the sandbox replaced the server's socket"
                     )
                 if (reason := self._server.refusal(direct=True)) is not None:
-                    raise _refused(f"unix socket {self.path}: {reason}", tampering=reason != _GONE)
+                    raise _refused(f"unix socket {self.path}: {reason}", reason != _GONE, self._server.container_runs)
             except BaseException:
                 sock.close()
                 raise
@@ -338,4 +363,5 @@ class _ServerTCPConnector(aiohttp.TCPConnector):
     def _check(self, req: aiohttp.ClientRequest) -> None:
         if (reason := self._server.refusal(self._direct)) is not None:
             where = f"{req.url.host}:{req.url.port}"
-            raise aiohttp.ClientConnectorError(req.connection_key, _refused(f"{where}: {reason}", reason != _GONE))
+            refused = _refused(f"{where}: {reason}", reason != _GONE, self._server.container_runs)
+            raise aiohttp.ClientConnectorError(req.connection_key, refused)

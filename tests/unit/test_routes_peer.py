@@ -216,7 +216,23 @@ async def test_no_connection_once_the_server_is_gone(
         with pytest.raises(aiohttp.ClientConnectorError, match="gone while the container still runs"):
             await _get(_routes._ServerSocketConnector(str(path), _server(_zombie())))
     assert received == []
+    await asyncio.sleep(_routes._CONFIRM_DELAY + 0.2)  # the warning once the container is seen still running
     assert "a process in the sandbox may be serving its ports" in caplog.text
+
+
+async def test_a_server_gone_because_its_container_ends_is_no_tampering_warning(
+    tmp_path: Path, container_runs: list[bool], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A killed container loses its server ~2 ms before its init: before, every kill mid-connection warned
+    # "a process in the sandbox may be serving its ports".
+    path = tmp_path / "executor.sock"
+    async with _listener(path) as received:
+        with pytest.raises(aiohttp.ClientConnectorError, match="gone while the container still runs"):
+            await _get(_routes._ServerSocketConnector(str(path), _server(_zombie())))
+        container_runs[0] = False  # the init goes too, within the moment
+    await asyncio.sleep(_routes._CONFIRM_DELAY + 0.2)
+    assert received == []
+    assert "may be serving its ports" not in caplog.text
 
 
 # -- the TCP connector ---------------------------------------------------------------------------
