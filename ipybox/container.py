@@ -13,6 +13,7 @@ import os
 import re
 import tarfile
 import time
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -340,6 +341,21 @@ class ExecutionContainer:
         if self._resource_port is None:
             raise InvalidStateError("Container not running: the resource port is allocated by run()")
         return self._resource_port
+
+    def __del__(self) -> None:
+        # A sandbox that nobody can kill any more (the seed API is not owner-bound by default): say so where
+        # Python reports unclosed resources (a ResourceWarning: shown by pytest, `python -X dev`, `-W default`).
+        try:
+            if self._state is _State.RUNNING and self._container is not None and not self._self_ending:
+                warnings.warn(
+                    f"ExecutionContainer {self._container.id[:12]} was never killed: its container keeps running. "
+                    "Use `async with`, kill(), or detach() to leave it running on purpose",
+                    ResourceWarning,
+                    stacklevel=1,  # __del__ runs wherever the last reference went: no caller to name
+                    source=self,
+                )
+        except Exception:  # a half-built object, or interpreter shutdown
+            pass
 
     async def __aenter__(self) -> ExecutionContainer:
         await self.run()
