@@ -16,7 +16,7 @@ from .context import build_args, context_files, context_tar
 from .dependencies import parse_dependencies
 from .docker_client import docker_client
 from .events import ProgressCallback, Reporter, parse_step
-from .npm_settings import read_npm_registry
+from .npm_settings import read_npm_settings
 from .pip_settings import read_pip_settings
 from .user import sandbox_user
 
@@ -70,10 +70,12 @@ async def build_image(
     """
     report = Reporter(on_progress)
     requirements = parse_dependencies(dependencies) if dependencies is not None else []
-    # Each asks a host tool (`pip config list`, `npm config get registry`): about half a second apiece.
-    pip, npm_registry = await asyncio.gather(asyncio.to_thread(read_pip_settings), asyncio.to_thread(read_npm_registry))
+    # Each asks a host tool (`pip config list`, `npm config get registry cafile`): about half a second apiece.
+    pip, (npm_registry, npm_cafile) = await asyncio.gather(
+        asyncio.to_thread(read_pip_settings), asyncio.to_thread(read_npm_settings)
+    )
     user = sandbox_user(root)
-    files = context_files(requirements, pip, npm_registry=npm_registry)
+    files = context_files(requirements, pip, npm_registry=npm_registry, npm_cafile=npm_cafile)
     async with docker_client() as docker:
         await docker.version()  # fail fast, with a clear error, when no engine answers
         base = await ensure_base_image(docker, base_image, report)

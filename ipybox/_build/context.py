@@ -43,11 +43,13 @@ def context_files(
     pip: PipSettings,
     image_dir: Path = IMAGE_DIR,
     npm_registry: str = PUBLIC_NPM_REGISTRY,
+    npm_cafile: Path | None = None,
 ) -> dict[str, bytes]:
     """Maps each path in the build context to its content.
 
     `host/` holds the configuration files rendered from the host's settings: pip.conf, uv.toml, npmrc and,
-    when pip names one, the CA bundle (ca.pem).
+    when pip or npm names one, the CA bundle (ca.pem: pip's, then npm's if it is another file; the image
+    adds the certificates its store lacks, so one in both counts once).
 
     Raises:
         BuildError: a file of the image directory (or the CA bundle) cannot be read.
@@ -59,8 +61,11 @@ def context_files(
         files["host/pip.conf"] = render_pip_conf(pip).encode()
         files["host/uv.toml"] = render_uv_toml(pip, constraints).encode()
         files["host/npmrc"] = render_npmrc(npm_registry).encode()
-        if pip.cert is not None:
-            files["host/ca.pem"] = pip.cert.read_bytes()
+        bundles = [pip.cert] if pip.cert is not None else []
+        if npm_cafile is not None and npm_cafile not in bundles:
+            bundles.append(npm_cafile)
+        if bundles:
+            files["host/ca.pem"] = b"\n".join(bundle.read_bytes().rstrip(b"\n") + b"\n" for bundle in bundles)
         for path in _server_files(image_dir / SERVER_PACKAGE):
             files[path.relative_to(image_dir).as_posix()] = path.read_bytes()
     except OSError as exc:

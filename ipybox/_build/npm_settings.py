@@ -1,9 +1,10 @@
-"""The host's npm registry, passed into the image build as `/usr/local/etc/npmrc`.
+"""The host's npm registry, passed into the image build as `/usr/local/etc/npmrc`, and npm's CA file.
 
 `npx -y some-server` in a cell or as an MCP server fetches from npm's registry; behind a mirror the image
-needs the host's. We ask the host's npm (`npm config get registry`) and fall back to the public registry
-when there is no npm or no answer. Certificates come from the image's system store, which holds the host's
-CA bundle (see pip_settings).
+needs the host's. We ask the host's npm (`npm config get registry cafile`) and fall back to the public
+registry when there is no npm or no answer. Certificates come from the image's system store, which holds
+the host's CA bundles: pip's (see pip_settings) and npm's `cafile` when it names another file (a proxy
+that only npm is configured for).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from pathlib import Path
 
 from .pip_settings import CA_BUNDLE_IN_IMAGE
 
@@ -21,17 +23,30 @@ PUBLIC_NPM_REGISTRY = "https://registry.npmjs.org/"
 
 def read_npm_registry() -> str:
     """The host's npm registry URL (http(s) only), else `PUBLIC_NPM_REGISTRY`."""
+    return read_npm_settings()[0]
+
+
+def read_npm_settings() -> tuple[str, Path | None]:
+    """The host's npm registry (as `read_npm_registry`) and its `cafile` when that is an existing file."""
     npm = shutil.which("npm")
     if npm is None:
-        return PUBLIC_NPM_REGISTRY
+        return PUBLIC_NPM_REGISTRY, None
     try:
         result = subprocess.run(
-            [npm, "config", "get", "registry"], capture_output=True, text=True, timeout=30, check=False
+            [npm, "config", "get", "registry", "cafile"], capture_output=True, text=True, timeout=30, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        logger.debug("npm config get registry failed, using the public registry: %s", exc)
-        return PUBLIC_NPM_REGISTRY
-    return npm_registry_from(result.stdout if result.returncode == 0 else "")
+        logger.debug("npm config get failed, using the public registry: %s", exc)
+        return PUBLIC_NPM_REGISTRY, None
+    return npm_settings_from(result.stdout if result.returncode == 0 else "")
+
+
+def npm_settings_from(output: str) -> tuple[str, Path | None]:
+    """Registry and CA file of `npm config get registry cafile` output (`key=value` lines)."""
+    values = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+    cafile = values.get("cafile", "").strip()
+    path = Path(cafile) if cafile.startswith("/") else None
+    return npm_registry_from(values.get("registry", "")), path if path is not None and path.is_file() else None
 
 
 def npm_registry_from(output: str) -> str:

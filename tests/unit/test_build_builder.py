@@ -78,7 +78,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeImages]:
 
     monkeypatch.setattr(builder_module, "docker_client", fake_client)
     monkeypatch.setattr(builder_module, "read_pip_settings", lambda: PipSettings())
-    monkeypatch.setattr(builder_module, "read_npm_registry", lambda: "https://registry.npmjs.org/")
+    monkeypatch.setattr(builder_module, "read_npm_settings", lambda: ("https://registry.npmjs.org/", None))
     yield images
 
 
@@ -238,6 +238,6 @@ def test_default_base_image(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_missing_engine_is_docker_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     monkeypatch.setattr(builder_module, "read_pip_settings", lambda: PipSettings())
-    monkeypatch.setattr(builder_module, "read_npm_registry", lambda: "https://registry.npmjs.org/")
+    monkeypatch.setattr(builder_module, "read_npm_settings", lambda: ("https://registry.npmjs.org/", None))
     with pytest.raises(DockerUnavailableError, match="scripts/engine start"):
         await build_image("t", base_image=LOCAL_BASE_IMAGE)

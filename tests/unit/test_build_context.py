@@ -61,7 +61,7 @@ def test_dockerfile_runtime_contract() -> None:
     env = next(s for s in steps if s.startswith("ENV PATH="))
     for setting in (
         # The user environment first; ipybox's own (/opt/ipybox/venv) is not on PATH.
-        "PATH=/opt/ipybox/user-venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH=/opt/ipybox/user-venv/bin:/opt/ipybox/npm-global/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "VIRTUAL_ENV=/opt/ipybox/user-venv",
         "PYTHONPATH=/app",
         "MPLBACKEND=module://matplotlib_inline.backend_inline",
@@ -175,11 +175,22 @@ def test_context_files(image_dir: Path, tmp_path: Path) -> None:
         "tools.txt",
     ]
     assert files["dependencies.txt"] == b"six\nattrs>=23\n"
-    assert files["host/ca.pem"] == b"PEM"
+    assert files["host/ca.pem"] == b"PEM\n"
     assert b"cert = /etc/ssl/certs/ca-certificates.crt" in files["host/pip.conf"]
     assert b"constraint = /etc/ipybox/kernel-constraints.txt" in files["host/pip.conf"]
     assert b'constraint-dependencies = ["ipykernel>=6.29"]' in files["host/uv.toml"]
     assert b"registry=https://npm.example/\n" in files["host/npmrc"]
+
+
+def test_npms_own_cafile_joins_pips_in_the_ca_bundle(image_dir: Path, tmp_path: Path) -> None:
+    # Before: only pip's CA bundle reached the image; a proxy configured for npm alone broke npx in cells.
+    pip_ca, npm_ca = tmp_path / "pip.pem", tmp_path / "npm.pem"
+    pip_ca.write_bytes(b"PIP\n")
+    npm_ca.write_bytes(b"NPM")
+    files = context_files([], PipSettings(cert=pip_ca), image_dir, npm_cafile=npm_ca)
+    assert files["host/ca.pem"] == b"PIP\n\nNPM\n"
+    assert context_files([], PipSettings(), image_dir, npm_cafile=npm_ca)["host/ca.pem"] == b"NPM\n"
+    assert context_files([], PipSettings(cert=pip_ca), image_dir, npm_cafile=pip_ca)["host/ca.pem"] == b"PIP\n"
 
 
 def test_no_dependencies_give_an_empty_file_and_no_ca_without_cert(image_dir: Path) -> None:

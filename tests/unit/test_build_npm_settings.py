@@ -34,3 +34,14 @@ def test_render_npmrc() -> None:
     assert "cafile=/etc/ssl/certs/ca-certificates.crt" in lines
     assert {"update-notifier=false", "fund=false", "audit=false"} <= set(lines)
     assert "prefix=/opt/ipybox/npm-global" in lines  # npm install -g as the sandbox user
+
+
+def test_npm_settings_from_reads_the_registry_and_an_existing_cafile(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ipybox._build.npm_settings import npm_settings_from
+
+    ca = tmp_path / "npm-ca.pem"
+    ca.write_text("PEM")
+    assert npm_settings_from(f"registry=https://npm.example/\ncafile={ca}\n") == ("https://npm.example/", ca)
+    assert npm_settings_from(f"registry=https://npm.example/\ncafile={tmp_path}/missing.pem\n")[1] is None
+    assert npm_settings_from("registry=https://npm.example/\ncafile=null\n")[1] is None
+    assert npm_settings_from("") == (PUBLIC_NPM_REGISTRY, None)
