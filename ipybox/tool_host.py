@@ -441,10 +441,11 @@ class ToolHost:
 
     async def _reconnect(self) -> bool:
         for _ in range(RECONNECT_TRIES):
-            if self._sandbox_gone():  # nothing will answer again: no tries, no logs of them
+            await asyncio.sleep(RECONNECT_INTERVAL)
+            # After the pause: a container being killed loses its server a moment before its init.
+            if self._sandbox_gone():  # nothing will answer again: no more tries, no logs of them
                 logger.info("ToolHost: the sandbox's container %s has ended", (self._sandbox or ("",))[0][:12])
                 return False
-            await asyncio.sleep(RECONNECT_INTERVAL)
             try:
                 self._ws = await self._open()
                 return True

@@ -495,4 +495,5 @@ async def test_a_tool_host_whose_container_ended_stops_reconnecting_at_once(
             await asyncio.wait_for(asyncio.shield(tools._reader), 30)
         assert not tools.connected
     assert "has ended" in caplog.text
-    assert "reconnecting failed" not in caplog.text
+    # At most one try (under load the container may still be ending at the first check), not five.
+    assert caplog.text.count("reconnecting failed") <= 1
