@@ -104,6 +104,12 @@ def container_runs(container_id: str, pid: int) -> bool:
         return False
 
 
+def container_ended(container_id: str, pid: int) -> bool:
+    """Whether a container recorded with its init's host pid has ended; False when `pid` is 0 (not
+    checkable here: another machine's container), so that callers go on as if it ran."""
+    return bool(pid) and not container_runs(container_id, pid)
+
+
 def register(
     host: str, port: int, token: str, container_id: str = "", pid: int = 0, server: Process | None = None
 ) -> None:

@@ -181,9 +181,7 @@ class KernelTransport:
         """Whether the container serving host:port has ended, as one procfs read tells (a container of
         this machine's engine that this user started; False when that cannot be known)."""
         recorded = _tokens.recorded_container(self.host, self.port)
-        if recorded is None or not recorded[1]:
-            return False
-        return not _tokens.container_runs(*recorded)
+        return recorded is not None and _tokens.container_ended(*recorded)
 
     def frozen(self) -> bool:
         """Whether the sandbox is paused (ipybox._freezer)."""

@@ -879,7 +879,7 @@ class ExecutionContainer:
         """
         if self._container is None:
             return True
-        return bool(self._pid) and not _tokens.container_runs(self._container.id, self._pid)
+        return _tokens.container_ended(self._container.id, self._pid)
 
     def _container_config(self, sandbox_ids: tuple[int, int], home: str | None = None) -> dict[str, Any]:
         binds = []

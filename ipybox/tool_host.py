@@ -434,10 +434,7 @@ class ToolHost:
 
     def _sandbox_gone(self) -> bool:
         """Whether the sandbox's container has ended, as far as one procfs read tells (a local engine's)."""
-        if self._sandbox is None:
-            return False
-        container_id, pid = self._sandbox
-        return bool(pid) and not _tokens.container_runs(container_id, pid)
+        return self._sandbox is not None and _tokens.container_ended(*self._sandbox)
 
     async def _reconnect(self) -> bool:
         for _ in range(RECONNECT_TRIES):
